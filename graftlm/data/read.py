@@ -1,0 +1,250 @@
+"""Streaming documents out of .jsonl, .txt, .tsv and .parquet files, plain or compressed (.gz, .zst).
+
+Memory stays flat whatever the corpus size: files are read a line (or a parquet batch) at a time. A bad record
+stops the stage with `file:line: what is wrong`, or, with `on_error: skip`, is skipped and counted.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import BinaryIO, Callable, Iterator, NamedTuple
+
+from graftlm.data.config import SourceConfig
+from graftlm.errors import DataError
+
+FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".txt": "txt", ".text": "txt", ".md": "txt",
+           ".tsv": "tsv", ".parquet": "parquet"}
+COMPRESSIONS = (".gz", ".zst")
+
+
+class Record(NamedTuple):
+    text: str
+    path: str
+    line: int  # 1-based line (row for parquet) where the document starts
+
+
+@dataclass
+class ReadStats:
+    files: int = 0
+    documents: int = 0
+    bytes: int = 0
+    empty: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    """Bad records skipped under `on_error: skip`, by reason."""
+    first_skipped: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"files": self.files, "documents": self.documents, "bytes": self.bytes, "empty": self.empty,
+                "skipped": dict(self.skipped), "first_skipped": self.first_skipped}
+
+
+OnBad = Callable[[str, str], None]  # (message, reason) -> None, or raises DataError
+
+
+def resolve_paths(source: SourceConfig, name: str = "") -> list[str]:
+    """The files a source names, in a stable order; a missing file or an empty glob is an error."""
+    files: list[str] = []
+    where = f" (sources.{name}.paths)" if name else ""
+    for pattern in source.paths:
+        if glob.has_magic(pattern):
+            matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+            if not matches:
+                raise DataError(f"{pattern}: glob matches no file{where}")
+            files.extend(matches)
+        elif os.path.isdir(pattern):
+            raise DataError(f"{pattern}: is a folder; name its files with a glob such as {pattern}/*.jsonl{where}")
+        elif not os.path.exists(pattern):
+            raise DataError(f"{pattern}: no such file{where}")
+        else:
+            files.append(pattern)
+    return files
+
+
+def read_documents(source: SourceConfig, name: str = "", stats: ReadStats | None = None) -> Iterator[str]:
+    for record in read_records(source, name, stats):
+        yield record.text
+
+
+def read_records(source: SourceConfig, name: str = "", stats: ReadStats | None = None) -> Iterator[Record]:
+    """Every non-empty document of a source, in file order, with where it came from."""
+    stats = stats if stats is not None else ReadStats()
+
+    def on_bad(message: str, reason: str) -> None:
+        if source.on_error == "stop":
+            raise DataError(message)
+        stats.skipped[reason] += 1
+        if len(stats.first_skipped) < 10:
+            stats.first_skipped.append(message)
+
+    for path in resolve_paths(source, name):
+        stats.files += 1
+        for record in _read_file(path, source, on_bad):
+            if not record.text.strip():
+                stats.empty += 1
+                continue
+            stats.documents += 1
+            stats.bytes += len(record.text.encode("utf-8"))
+            yield record
+            if source.max_documents is not None and stats.documents >= source.max_documents:
+                return
+
+
+def file_format(path: str, declared: str = "auto") -> str:
+    if declared != "auto":
+        return declared
+    stem = path[: -len(ext)] if (ext := os.path.splitext(path)[1]) in COMPRESSIONS else path
+    suffix = os.path.splitext(stem)[1].lower()
+    if suffix not in FORMATS:
+        raise DataError(f"{path}: unknown file type '{suffix}'; name one with the source's `format:` "
+                        f"({', '.join(sorted(set(FORMATS.values())))})")
+    return FORMATS[suffix]
+
+
+def _read_file(path: str, source: SourceConfig, on_bad: OnBad) -> Iterator[Record]:
+    fmt = file_format(path, source.format)
+    if fmt == "parquet":
+        yield from _read_parquet(path, source.text_field, on_bad)
+        return
+    reader = {"jsonl": _read_jsonl, "tsv": _read_tsv, "txt": _read_txt}[fmt]
+    lines = _Lines(path, on_bad)
+    try:
+        yield from reader(lines, source, on_bad)
+    except (OSError, EOFError) as e:  # a truncated or corrupt compressed stream
+        on_bad(f"{path}:{lines.number}: cannot read: {e}", "unreadable file")
+    finally:
+        lines.close()
+    if lines.number == 0 and not lines.failed:
+        on_bad(f"{path}: empty file", "empty file")
+
+
+class _Lines:
+    """The decoded lines of a text file with their 1-based numbers; bytes that are not UTF-8 are reported."""
+
+    def __init__(self, path: str, on_bad: OnBad):
+        self.path, self.on_bad = path, on_bad
+        self.number = 0
+        self.failed = False
+        try:
+            self._file: BinaryIO | None = _open_binary(path)
+        except OSError as e:
+            self._file, self.failed = None, True
+            on_bad(f"{path}: cannot open: {e.strerror or e}", "unreadable file")
+
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        if self._file is None:
+            return
+        for raw in self._file:
+            self.number += 1
+            try:
+                yield self.number, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                self.on_bad(f"{self.path}:{self.number}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                            f"{e.start + 1})", "not UTF-8")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def _open_binary(path: str) -> BinaryIO:
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    if path.endswith(".zst"):
+        import io
+
+        import zstandard
+
+        return io.BufferedReader(zstandard.open(path, "rb"))  # type: ignore[arg-type]
+    return open(path, "rb")
+
+
+def _read_jsonl(lines: _Lines, source: SourceConfig, on_bad: OnBad) -> Iterator[Record]:
+    key = source.text_field
+    for number, line in lines:
+        if not line.strip():
+            continue
+        where = f"{lines.path}:{number}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            on_bad(f"{where}: invalid JSON: {e.msg} (column {e.colno})", "invalid JSON")
+            continue
+        if not isinstance(obj, dict):
+            on_bad(f"{where}: expected a JSON object, got {type(obj).__name__}", "not an object")
+        elif key not in obj:
+            on_bad(f"{where}: no field '{key}' (fields: {', '.join(obj) or 'none'})", "missing field")
+        elif not isinstance(obj[key], str):
+            on_bad(f"{where}: field '{key}' is {type(obj[key]).__name__}, expected a string", "field not text")
+        else:
+            yield Record(obj[key], lines.path, number)
+
+
+def _read_tsv(lines: _Lines, source: SourceConfig, on_bad: OnBad) -> Iterator[Record]:
+    column = None
+    width = 0
+    for number, line in lines:
+        cells = line.rstrip("\r\n").split("\t")
+        if column is None:
+            if source.text_field not in cells:
+                on_bad(f"{lines.path}:{number}: no column '{source.text_field}' in the header "
+                       f"(columns: {', '.join(cells)})", "missing column")
+                return
+            column, width = cells.index(source.text_field), len(cells)
+        elif not line.strip():
+            continue
+        elif len(cells) != width:
+            on_bad(f"{lines.path}:{number}: expected {width} tab-separated columns, got {len(cells)}", "bad row")
+        else:
+            yield Record(cells[column], lines.path, number)
+
+
+def _read_txt(lines: _Lines, source: SourceConfig, on_bad: OnBad) -> Iterator[Record]:
+    mode = source.txt_documents
+    if mode == "line":
+        for number, line in lines:
+            yield Record(line.rstrip("\r\n"), lines.path, number)
+        return
+    paragraph: list[str] = []
+    start = 1
+    for number, line in lines:
+        if mode == "paragraph" and not line.strip():
+            if paragraph:
+                yield Record("".join(paragraph).rstrip("\r\n"), lines.path, start)
+            paragraph = []
+            continue
+        if not paragraph:
+            start = number
+        paragraph.append(line)
+    if paragraph:
+        text = "".join(paragraph)
+        yield Record(text.rstrip("\r\n") if mode == "paragraph" else text, lines.path, start)
+
+
+def _read_parquet(path: str, key: str, on_bad: OnBad) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a file that is not parquet
+        on_bad(f"{path}: not a readable parquet file: {e}", "unreadable file")
+        return
+    columns = parquet.schema_arrow.names
+    if key not in columns:
+        on_bad(f"{path}: no column '{key}' (columns: {', '.join(columns)})", "missing column")
+        return
+    if parquet.metadata.num_rows == 0:
+        on_bad(f"{path}: empty file", "empty file")
+        return
+    row = 0
+    for batch in parquet.iter_batches(batch_size=1024, columns=[key]):
+        for value in batch.column(0).to_pylist():
+            row += 1
+            if not isinstance(value, str):
+                on_bad(f"{path}:{row}: column '{key}' is {type(value).__name__}, expected a string", "field not text")
+            else:
+                yield Record(value, path, row)

@@ -1,0 +1,201 @@
+"""The recipe: one YAML file that describes a whole run, validated into typed sections.
+
+Loading goes: YAML → `--set key=value` overrides → validation. Relative paths resolve against the recipe's
+folder; every problem becomes one `RecipeError` whose message starts with the key path.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from graftlm.config import Section
+from graftlm.data.config import MixtureConfig, PackConfig, SourceConfig
+from graftlm.errors import RecipeError
+from graftlm.evaluate.config import EvalConfig
+from graftlm.train.config import TrainConfig
+
+DEFAULT_BASE_MODEL = "smollm2-135m"
+DEMO_RECIPE = "recipes/demo-vi.yaml"
+
+
+class Recipe(Section):
+    name: str
+    """The run's name: its outputs go to `runs/<name>/`."""
+    base_model: str = DEFAULT_BASE_MODEL
+    """`smollm2-135m` (bundled), a Hugging Face folder, a .gguf file, or a hub id."""
+    trust_remote_code: bool = False
+    sources: dict[str, SourceConfig] = Field(min_length=1)
+    mixture: MixtureConfig = MixtureConfig()
+    pack: PackConfig = PackConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+            raise ValueError(f"must be letters, digits, '.', '_' or '-' (it names a folder), got {name!r}")
+        return name
+
+    @field_validator("base_model")
+    @classmethod
+    def _resolve_base_model(cls, spec: str, info) -> str:
+        """A base model that names an existing file or folder becomes an absolute path; anything else is kept."""
+        base_dir = (info.context or {}).get("base_dir", ".")
+        candidate = os.path.join(base_dir, os.path.expanduser(spec))
+        looks_like_path = spec.startswith((".", "/", "~")) or spec.endswith(".gguf")
+        if os.path.exists(candidate) or looks_like_path:
+            return os.path.normpath(os.path.abspath(candidate))
+        return spec
+
+    @model_validator(mode="after")
+    def _mixture_names_sources(self) -> "Recipe":
+        for name in self.mixture.weights:
+            if name not in self.sources:
+                raise _KeyProblem(f"mixture.{name}", f"not a source (sources: {', '.join(self.sources)})")
+        return self
+
+    def mixture_weights(self) -> dict[str, float]:
+        """The training mixture: the recipe's weights, or every source with equal weight when none is given."""
+        return dict(self.mixture.weights) or {name: 1.0 for name in self.sources}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+class _KeyProblem(ValueError):
+    """Raised inside validators to report a problem at a key path other than the one being validated."""
+
+    def __init__(self, key: str, problem: str):
+        super().__init__(f"{key}: {problem}")
+        self.key, self.problem = key, problem
+
+
+def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe. `path=None` means the bundled demo recipe."""
+    path = Path(path) if path is not None else find_demo_recipe()
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise RecipeError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not UTF-8 text") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: expected a mapping of recipe keys at the top level")
+    for override in overrides:
+        apply_override(data, override)
+    return validate_recipe(data, base_dir=path.resolve().parent, origin=str(path))
+
+
+def validate_recipe(data: dict, base_dir: str | os.PathLike = ".", origin: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data, context={"base_dir": str(base_dir)})
+    except ValidationError as e:
+        raise RecipeError(_describe(e.errors()[0], origin)) from None
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Apply one `a.b.c=value` to the raw recipe; the value is read as YAML (`3e-4`, `[a, b]`, `true`)."""
+    key, sep, raw = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise RecipeError(f"--set {override}: expected key=value, e.g. train.lr=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise RecipeError(f"--set {key}: '{'.'.join(parts[:i + 1])}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def find_demo_recipe() -> Path:
+    """The bundled demo recipe: in the current folder's `recipes/`, else in the source checkout beside the package."""
+    for root in (Path.cwd(), Path(__file__).resolve().parent.parent):
+        if (root / DEMO_RECIPE).is_file():
+            return root / DEMO_RECIPE
+    raise RecipeError(f"{DEMO_RECIPE}: not found here or beside the graftlm package; give a recipe path")
+
+
+# ---- turning pydantic's errors into one line that names the key ----------------------------------------
+
+_EXPECTED = {
+    "float": "a number", "int": "an integer", "bool": "true or false", "string": "a string",
+    "list": "a list", "dict": "a mapping", "model": "a mapping", "model_attributes": "a mapping",
+}
+
+
+def _describe(err: dict, origin: str) -> str:
+    loc = [str(p) for p in err["loc"] if p != "weights"]  # MixtureConfig keeps its weights flat in the recipe
+    key = ".".join(loc) or origin
+    kind, value = err["type"], err.get("input")
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, _KeyProblem):
+        return str(cause)
+    if kind == "missing":
+        return f"{key}: required key missing"
+    if kind == "extra_forbidden":
+        hint = difflib.get_close_matches(loc[-1], _known_keys(loc[:-1]), n=1)
+        return f"{key}: unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+    for prefix, expected in _EXPECTED.items():
+        if kind in (f"{prefix}_type", f"{prefix}_parsing", f"{prefix}_from_float"):
+            return f"{key}: expected {expected}, got {_show(value)}"
+    if kind == "literal_error":
+        return f"{key}: expected one of {err['ctx']['expected']}, got {_show(value)}"
+    message = str(cause) if cause is not None else err["msg"]
+    message = message[0].lower() + message[1:]
+    return f"{key}: {message}" + ("" if kind == "value_error" else f", got {_show(value)}")
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, (dict, list)):
+        return "a mapping" if isinstance(value, dict) else "a list"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _known_keys(loc: list[str]) -> list[str]:
+    """The keys allowed at a location of the recipe, for 'did you mean' hints."""
+    node: Any = Recipe
+    parts = list(loc)
+    while parts:
+        node = _strip_optional(node)
+        if typing.get_origin(node) is dict:  # a mapping of sections (`sources.<name>`): skip the name
+            node = typing.get_args(node)[1]
+        elif isinstance(node, type) and issubclass(node, BaseModel) and parts[0] in node.model_fields:
+            node = node.model_fields[parts[0]].annotation
+        else:
+            return []
+        parts.pop(0)
+    node = _strip_optional(node)
+    return list(node.model_fields) if isinstance(node, type) and issubclass(node, BaseModel) else []
+
+
+def _strip_optional(annotation: Any) -> Any:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return annotation

@@ -1,0 +1,55 @@
+"""Shared fixtures: the real SmolLM2 tokenizer (extracted once per session from the bundled GGUF) and tiny random
+models built from a config, so that unit tests take milliseconds."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "data"
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer_dir(tmp_path_factory) -> Path:
+    """A folder holding only the tokenizer of the default base model."""
+    from graftlm.models import load_tokenizer, save_tokenizer
+
+    folder = tmp_path_factory.mktemp("smol-tokenizer")
+    save_tokenizer(load_tokenizer("smollm2-135m"), folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smol_tokenizer_dir) -> Path:
+    """A Hugging Face folder with a tiny random Llama that uses the real SmolLM2 tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from graftlm.models import save_model
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    folder = tmp_path_factory.mktemp("tiny-model") / "model"
+    save_model(LlamaForCausalLM(config), tokenizer, folder)
+    return folder
+
+
+def run_graft(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """Run the `graft` command in-process; returns (exit code, stdout, stderr)."""
+    from graftlm.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["graft", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err
