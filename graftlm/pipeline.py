@@ -16,6 +16,22 @@ def _base(recipe: Recipe, run: RunDir) -> None:
     export_base(recipe, run, log=log)
 
 
+def _curate(recipe: Recipe, run: RunDir) -> None:
+    if recipe.curate is None:
+        return
+    from graftlm.curate.stage import run_curate
+
+    run_curate(recipe, run)
+
+
+def _vocab(recipe: Recipe, run: RunDir) -> None:
+    if recipe.vocab is None:
+        return
+    from graftlm.vocab.stage import run_vocab
+
+    run_vocab(recipe, run)
+
+
 def _pack(recipe: Recipe, run: RunDir) -> None:
     from graftlm.data.pack import pack_all
 
@@ -24,9 +40,11 @@ def _pack(recipe: Recipe, run: RunDir) -> None:
 
 STAGES: dict[str, Callable[[Recipe, RunDir], None]] = {
     "base": _base,
+    "curate": _curate,
+    "vocab": _vocab,
     "pack": _pack,
 }
-PREPARE_STAGES = ("base", "pack")
+PREPARE_STAGES = ("base", "curate", "vocab", "pack")
 """What `graft prepare` runs: everything up to packed training data."""
 
 

@@ -18,10 +18,12 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from graftlm.config import Section
+from graftlm.curate.config import CurateConfig
 from graftlm.data.config import MixtureConfig, PackConfig, SourceConfig
 from graftlm.errors import RecipeError
 from graftlm.evaluate.config import EvalConfig
 from graftlm.train.config import TrainConfig
+from graftlm.vocab.config import VocabConfig
 
 DEFAULT_BASE_MODEL = "smollm2-135m"
 DEMO_RECIPE = "recipes/demo-vi.yaml"
@@ -34,6 +36,10 @@ class Recipe(Section):
     """`smollm2-135m` (bundled), a Hugging Face folder, a .gguf file, or a hub id."""
     trust_remote_code: bool = False
     sources: dict[str, SourceConfig] = Field(min_length=1)
+    curate: CurateConfig | None = None
+    """Curation of raw text on datatrove; absent (null) skips the stage."""
+    vocab: VocabConfig | None = None
+    """Vocabulary extension; absent (null) trains with the base tokenizer."""
     mixture: MixtureConfig = MixtureConfig()
     pack: PackConfig = PackConfig()
     train: TrainConfig = TrainConfig()
