@@ -50,6 +50,91 @@ def prepare(recipe: Optional[Path] = RecipeArg, set_: List[str] = SetOpt, runs_d
     run_stages(loaded, RunDir.for_recipe(loaded, runs_dir), PREPARE_STAGES)
 
 
+@app.command()
+def curate(recipe: Optional[Path] = RecipeArg, set_: List[str] = SetOpt, runs_dir: Path = RunsOpt) -> None:
+    """Curate the raw text of the sources: language ID, quality filters, MinHash dedup, rehydration (datatrove)."""
+    from graftlm.pipeline import run_stages
+    from graftlm.runs import RunDir
+
+    loaded = _load(recipe, set_)
+    if loaded.curate is None:
+        raise GraftError("curate: the recipe has no curate section (add one, or --set curate.sources=[vi])")
+    run_stages(loaded, RunDir.for_recipe(loaded, runs_dir), ("curate",))
+
+
+@app.command()
+def vocab(recipe: Optional[Path] = RecipeArg, set_: List[str] = SetOpt, runs_dir: Path = RunsOpt) -> None:
+    """Extend the vocabulary for the target language (the stages before it run first when needed)."""
+    from graftlm.pipeline import run_stages
+    from graftlm.runs import RunDir
+
+    loaded = _load(recipe, set_)
+    if loaded.vocab is None:
+        raise GraftError("vocab: the recipe has no vocab section (add one, or --set vocab.new_tokens=8000)")
+    run_stages(loaded, RunDir.for_recipe(loaded, runs_dir), ("base", "curate", "vocab"))
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Option(..., "--model", help="Anything base_model: accepts, a run's model/ or a checkpoint."),
+    text: List[str] = typer.Option([], "--text", help="Held-out text for bits per byte: .txt (a document per line), "
+                                   ".tsv (a text column) or .jsonl (repeatable)."),
+    choice: List[str] = typer.Option([], "--choice", help="Multiple-choice set: XCOPA or {context, choices, label} "
+                                     ".jsonl (repeatable)."),
+    lang: Optional[str] = typer.Option(None, "--lang", help="Language of XCOPA's connectives (default: detected)."),
+    text_field: str = typer.Option("text", "--text-field", help="The .jsonl field or .tsv column of the text."),
+    json_: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Sequences per forward pass."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", min=8,
+                                             help="Context in tokens (default: the model's, at most 2048)."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16 (autocast)."),
+) -> None:
+    """Score a model: bits per byte on held-out text, accuracy on multiple-choice sets."""
+    import json
+
+    from graftlm.evaluate.config import ChoiceSetConfig, EvalConfig
+    from graftlm.evaluate.scoring import DTYPES
+    from graftlm.evaluate.suite import evaluate_model, results_table
+
+    if not text and not choice:
+        raise GraftError("eval: give at least one --text or --choice file")
+    if dtype not in DTYPES:
+        raise GraftError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    config = EvalConfig(text={path: path for path in text}, text_field=text_field, batch_size=batch_size,
+                        choice={path: ChoiceSetConfig(path=path, lang=lang) for path in choice},
+                        max_length=max_length, dtype=dtype)
+    results = evaluate_model(model, config)
+    if json_:
+        sys.stdout.write(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    else:
+        from rich.console import Console
+
+        Console().print(results_table(results))
+
+
+@app.command()
+def train(recipe: Optional[Path] = RecipeArg, set_: List[str] = SetOpt, runs_dir: Path = RunsOpt,
+          fresh: bool = typer.Option(False, "--fresh", help="Discard checkpoints and start over.")) -> None:
+    """Continue pre-training on the recipe's mixture; resumes from the latest checkpoint by itself."""
+    from graftlm.runs import RunDir
+    from graftlm.train.loop import train as train_model
+
+    loaded = _load(recipe, set_)
+    run_dir = RunDir.for_recipe(loaded, runs_dir)
+    run_dir.write_recipe(loaded)
+    train_model(loaded, run_dir, fresh=fresh)
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A run directory, e.g. runs/demo-vi.")) -> None:
+    """Rebuild a run's report.html (and its model card) from what the run wrote."""
+    from graftlm.pipeline import STAGES
+    from graftlm.report.page import load_run
+
+    loaded, run_dir_ = load_run(run_dir)
+    STAGES["report"](loaded, run_dir_)
+
+
 @recipe_app.command("show")
 def recipe_show(recipe: Optional[Path] = RecipeArg, set_: List[str] = SetOpt) -> None:
     """Print the resolved recipe, every default written out."""

@@ -3,11 +3,12 @@ directory and skips itself when its complete output is already there."""
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 from graftlm.progress import log
 from graftlm.recipe import Recipe
-from graftlm.runs import RunDir
+from graftlm.runs import RunDir, read_json, write_json_atomic
 
 
 def _base(recipe: Recipe, run: RunDir) -> None:
@@ -38,17 +39,41 @@ def _pack(recipe: Recipe, run: RunDir) -> None:
     pack_all(recipe, run)
 
 
+def _train(recipe: Recipe, run: RunDir) -> None:
+    from graftlm.train.loop import train
+
+    train(recipe, run)
+
+
+def _report(recipe: Recipe, run: RunDir) -> None:
+    from graftlm.progress import console
+    from graftlm.report.page import build_report, verdict_table
+
+    verdict = build_report(recipe, run)
+    console.print(verdict_table(verdict))
+    if verdict is not None:
+        log(verdict.summary())
+    log(f"report: {run.report}")
+
+
 STAGES: dict[str, Callable[[Recipe, RunDir], None]] = {
     "base": _base,
     "curate": _curate,
     "vocab": _vocab,
     "pack": _pack,
+    "train": _train,
+    "report": _report,
 }
 PREPARE_STAGES = ("base", "curate", "vocab", "pack")
 """What `graft prepare` runs: everything up to packed training data."""
 
 
 def run_stages(recipe: Recipe, run: RunDir, stages=tuple(STAGES)) -> None:
+    """Run `stages` in order; the seconds each took go to runs/<name>/timings.json for the report."""
     run.write_recipe(recipe)
+    timings = read_json(run.timings) if run.timings.is_file() else {}
     for name in stages:
+        started = time.perf_counter()
         STAGES[name](recipe, run)
+        timings[name] = round(time.perf_counter() - started, 2)
+        write_json_atomic(run.timings, timings)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from rich.console import Console
 from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
@@ -10,7 +12,8 @@ console = Console(stderr=True, highlight=False)
 
 
 def log(message: str) -> None:
-    console.print(message)
+    if os.environ.get("RANK", "0") == "0":  # one voice when several processes train together
+        console.print(message, soft_wrap=True)
 
 
 def bytes_progress() -> Progress:
@@ -19,7 +22,8 @@ def bytes_progress() -> Progress:
                     TransferSpeedColumn(), TimeRemainingColumn(), console=console, transient=False)
 
 
-def steps_progress() -> Progress:
-    """A bar over steps, with the fields a task sets (`loss`, `rate`) shown after it."""
+def steps_progress(show: bool = True) -> Progress:
+    """A bar over steps, with a `status` field (loss, rate) shown after it; `show=False` for non-main processes."""
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), TextColumn("{task.fields[status]}"), console=console, transient=False)
+                    TimeRemainingColumn(), TextColumn("{task.fields[status]}"), console=console, transient=False,
+                    disable=not show)

@@ -22,6 +22,7 @@ from graftlm.curate.config import CurateConfig
 from graftlm.data.config import MixtureConfig, PackConfig, SourceConfig
 from graftlm.errors import RecipeError
 from graftlm.evaluate.config import EvalConfig
+from graftlm.report.config import ReportConfig
 from graftlm.train.config import TrainConfig
 from graftlm.vocab.config import VocabConfig
 
@@ -44,6 +45,7 @@ class Recipe(Section):
     pack: PackConfig = PackConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    report: ReportConfig = ReportConfig()
 
     @field_validator("name")
     @classmethod
@@ -68,6 +70,21 @@ class Recipe(Section):
         for name in self.mixture.weights:
             if name not in self.sources:
                 raise _KeyProblem(f"mixture.{name}", f"not a source (sources: {', '.join(self.sources)})")
+        return self
+
+    @model_validator(mode="after")
+    def _curated_sources_have_a_language(self) -> "Recipe":
+        for name in self.curate.sources if self.curate is not None else []:
+            if name not in self.sources:
+                raise _KeyProblem("curate.sources", f"'{name}' is not a source (sources: {', '.join(self.sources)})")
+            if not self.sources[name].lang:
+                raise _KeyProblem(f"sources.{name}.lang", "required to curate the source (its language, e.g. vi)")
+        return self
+
+    @model_validator(mode="after")
+    def _vocab_source_is_a_source(self) -> "Recipe":
+        if self.vocab is not None and self.vocab.source is not None and self.vocab.source not in self.sources:
+            raise _KeyProblem("vocab.source", f"not a source (sources: {', '.join(self.sources)})")
         return self
 
     def mixture_weights(self) -> dict[str, float]:

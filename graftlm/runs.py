@@ -38,6 +38,7 @@ class RunDir:
     model = property(lambda self: self.root / "model")
     metrics = property(lambda self: self.root / "metrics.jsonl")
     report = property(lambda self: self.root / "report.html")
+    timings = property(lambda self: self.root / "timings.json")
 
     @property
     def start_model(self) -> Path:

@@ -163,8 +163,24 @@ def _open_binary(path: str) -> BinaryIO:
     return open(path, "rb")
 
 
-def _read_jsonl(lines: _Lines, source: SourceConfig, on_bad: OnBad) -> Iterator[Record]:
-    key = source.text_field
+def read_json_objects(path: str) -> Iterator[tuple[int, dict]]:
+    """Every object of a .jsonl file (plain or compressed) with its line number; anything else is a DataError."""
+
+    def stop(message: str, reason: str) -> None:
+        raise DataError(message)
+
+    lines = _Lines(path, stop)
+    try:
+        yield from _json_objects(lines, stop)
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}:{lines.number}: cannot read: {e}") from None
+    finally:
+        lines.close()
+    if lines.number == 0:
+        raise DataError(f"{path}: empty file")
+
+
+def _json_objects(lines: _Lines, on_bad: OnBad) -> Iterator[tuple[int, dict]]:
     for number, line in lines:
         if not line.strip():
             continue
@@ -176,7 +192,15 @@ def _read_jsonl(lines: _Lines, source: SourceConfig, on_bad: OnBad) -> Iterator[
             continue
         if not isinstance(obj, dict):
             on_bad(f"{where}: expected a JSON object, got {type(obj).__name__}", "not an object")
-        elif key not in obj:
+            continue
+        yield number, obj
+
+
+def _read_jsonl(lines: _Lines, source: SourceConfig, on_bad: OnBad) -> Iterator[Record]:
+    key = source.text_field
+    for number, obj in _json_objects(lines, on_bad):
+        where = f"{lines.path}:{number}"
+        if key not in obj:
             on_bad(f"{where}: no field '{key}' (fields: {', '.join(obj) or 'none'})", "missing field")
         elif not isinstance(obj[key], str):
             on_bad(f"{where}: field '{key}' is {type(obj[key]).__name__}, expected a string", "field not text")

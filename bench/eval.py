@@ -1,0 +1,79 @@
+"""Evaluation speed: one pass of each bundled eval set with graftlm's batched evaluator, in float32 and bfloat16,
+against a plain transformers loop (one document per forward pass) on the same text, in one run.
+
+    .venv/bin/python bench/eval.py [--max-documents 40] [--max-items 100] [--model smollm2-135m]
+
+Prints seconds per pass (what the training loop pays every `eval.every` steps) and the numbers themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TEXT = {"sib200-vi": "data/eval/sib200/vie_Latn/test.tsv", "sib200-en": "data/eval/sib200/eng_Latn/test.tsv"}
+CHOICE = {"xcopa-vi": "data/eval/xcopa/vi/test.vi.jsonl", "xcopa-vi-en": "data/eval/xcopa/vi-en/test.vi.jsonl"}
+
+
+def plain_loop_seconds(model, text_set, start_id: int) -> float:
+    """The baseline: each document alone through `model(input_ids)`, log-softmax summed."""
+    import torch
+
+    started = time.perf_counter()
+    with torch.no_grad():
+        for doc in text_set.documents:
+            ids = torch.tensor([[start_id, *doc]])
+            torch.log_softmax(model(ids).logits[0, :-1], dim=-1).gather(-1, ids[0, 1:, None]).sum()
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--max-documents", type=int, default=None, help="documents per text set (default: all)")
+    parser.add_argument("--max-items", type=int, default=None, help="items per choice set (default: all)")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args()
+    os.chdir(REPO)
+
+    from graftlm.evaluate.bpb import load_text_set
+    from graftlm.evaluate.config import ChoiceSetConfig, EvalConfig
+    from graftlm.evaluate.scoring import start_token_id
+    from graftlm.evaluate.suite import Evaluator
+    from graftlm.models import load_model, load_tokenizer
+
+    tokenizer, model = load_tokenizer(args.model), load_model(args.model)
+    config = EvalConfig(text=TEXT, choice=CHOICE, max_documents=args.max_documents, max_items=args.max_items,
+                        batch_size=args.batch_size)
+    print(f"model {args.model}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, "
+          f"batch size {args.batch_size}")
+    one_set = {name: config.model_copy(update={"text": {name: path}, "choice": {}}) for name, path in TEXT.items()}
+    one_set |= {name: config.model_copy(update={"text": {}, "choice": {name: ChoiceSetConfig(path=path)}})
+                for name, path in CHOICE.items()}
+    for dtype in args.dtypes.split(","):
+        for name, set_config in one_set.items():
+            evaluator = Evaluator.from_config(set_config.model_copy(update={"dtype": dtype}), tokenizer)
+            started = time.perf_counter()
+            results = evaluator(model)
+            seconds = time.perf_counter() - started
+            if name in TEXT:
+                r = results["text"][name]
+                shown = f"bpb {r['bpb']:.4f}  tokens/word {r['tokens_per_word']:.3f}  documents {r['documents']}"
+            else:
+                r = results["choice"][name]
+                shown = (f"accuracy {r['accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]  "
+                         f"accuracy/byte {r['accuracy_norm']:.3f}  n {r['n']}")
+            print(f"{name:12} {dtype:9} {seconds:7.1f} s   {shown}", flush=True)
+    for name, path in TEXT.items():
+        text_set = load_text_set(path, tokenizer, max_documents=args.max_documents)
+        seconds = plain_loop_seconds(model, text_set, start_token_id(tokenizer))
+        print(f"{name:12} plain loop (float32, a document per forward pass) {seconds:7.1f} s", flush=True)
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Running the curation stages with datatrove's executors: local processes, Slurm jobs or Ray tasks.
+
+Each stage is one datatrove executor with its own logging folder (task logs, per-task stats, completion marks).
+Local and Ray executors run a stage to its end before the next starts; Slurm executors are chained with
+`depends` and submitted at once. A stage that was interrupted resumes where it stopped: datatrove skips the tasks
+it marked complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from datatrove.executor import LocalPipelineExecutor
+from datatrove.pipeline.base import PipelineStep
+
+from graftlm.curate.config import CurateConfig
+from graftlm.curate.stats import progress_bytes
+from graftlm.progress import bytes_progress
+
+
+@dataclass
+class Stage:
+    name: str
+    pipeline: list[PipelineStep]
+    tasks: int
+    logging_dir: Path
+    progress_folder: Path | None = None
+    """Where the stage's first Meter reports the bytes it saw, for a progress bar (None: a quick stage)."""
+    progress_total: Callable[[], int] = lambda: 0
+    """The bytes the stage will see, asked when it starts (after the stages before it have run)."""
+
+
+class QuietLocalExecutor(LocalPipelineExecutor):
+    """datatrove's LocalPipelineExecutor, with each task's log written to its log file only. datatrove also prints
+    every task's log and stats table on the terminal, which would bury graftlm's progress bars."""
+
+    def run(self):
+        from datatrove.utils.logging import logger, setup_default_logger
+
+        logger.remove()
+        try:
+            return super().run()
+        finally:
+            setup_default_logger()
+
+    def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
+            return super()._run_for_rank(rank, local_rank, node_rank)
+
+
+def make_executor(config: CurateConfig, stage: Stage, job_name: str, depends=None):
+    common = dict(pipeline=stage.pipeline, tasks=stage.tasks, workers=min(config.workers, stage.tasks),
+                  logging_dir=str(stage.logging_dir), **config.executor_options)
+    if config.executor == "local":
+        return QuietLocalExecutor(**common)
+    if config.executor == "slurm":
+        from datatrove.executor import SlurmPipelineExecutor
+
+        return SlurmPipelineExecutor(**common, job_name=f"{job_name}-{stage.name}", depends=depends)
+    from datatrove.executor import RayPipelineExecutor
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()  # a local Ray, or the cluster that RAY_ADDRESS names
+    return RayPipelineExecutor(**common)
+
+
+def run_stages(config: CurateConfig, stages: list[Stage], job_name: str, label: str) -> None:
+    """Run the stages in order (local, ray), or submit them as chained Slurm jobs."""
+    if config.executor == "slurm":
+        executor = None
+        for stage in stages:
+            executor = make_executor(config, stage, job_name, depends=executor)
+        executor.run()  # launches its dependencies first
+        return
+    with bytes_progress() as progress:
+        for stage in stages:
+            executor = make_executor(config, stage, job_name)
+            if stage.progress_folder is None:  # a quick stage: an indeterminate bar while it runs
+                task = progress.add_task(f"curate {label}: {stage.name}", total=None)
+                executor.run()
+                progress.remove_task(task)
+                continue
+            total = stage.progress_total()
+            task = progress.add_task(f"curate {label}: {stage.name}", total=total)
+            with _polled(progress, task, stage.progress_folder):
+                executor.run()
+            progress.update(task, completed=total)
+
+
+@contextlib.contextmanager
+def _polled(progress, task, folder: Path | None):
+    """Moves the bar with the bytes the stage's tasks report, while the executor runs in this thread."""
+    if folder is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(0.3):
+            progress.update(task, completed=progress_bytes(folder))
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()

@@ -1,0 +1,136 @@
+"""The one place graftlm asks a model for log-likelihoods: batches of token spans, each scored from a given index.
+
+Bits per byte (documents, cut into windows) and multiple choice (a continuation after its context) are both
+"the sum of log p(token | tokens before it) over part of a sequence", so both come here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+
+from graftlm.errors import GraftError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+DTYPES = ("float32", "bfloat16")
+BATCH_TOKENS = 4096
+"""Most tokens in one forward pass: the float32 logits of 4096 tokens over a 49k vocabulary are 0.8 GB."""
+MAX_LENGTH_CAP = 2048
+"""Default context when none is given: the model's own, but no longer than this (long contexts are slow on CPU)."""
+
+
+@dataclass(frozen=True)
+class Span:
+    """Tokens fed to the model; the log-probabilities of `ids[first:]` count (`first` >= 1: the first token of a
+    span is only ever context)."""
+
+    ids: list[int]
+    first: int
+
+
+def start_token_id(tokenizer: "PreTrainedTokenizerBase") -> int:
+    """The token every sequence starts from: BOS, or EOS where the tokenizer has no BOS."""
+    for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    raise GraftError("eval: the tokenizer has neither a BOS nor an EOS token to start sequences from")
+
+
+def pad_token_id(tokenizer: "PreTrainedTokenizerBase") -> int:
+    """Any id will do: padded positions are masked out of attention and of the scores."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id):
+        if token_id is not None:
+            return token_id
+    return 0
+
+
+def context_length(model: "PreTrainedModel", max_length: int | None) -> int:
+    """The longest span the model sees: the given one, else the model's own context capped at MAX_LENGTH_CAP."""
+    if max_length is not None:
+        return max_length
+    own = getattr(model.config, "max_position_embeddings", None) or MAX_LENGTH_CAP
+    return min(own, MAX_LENGTH_CAP)
+
+
+def log_likelihoods(model: "PreTrainedModel", spans: Sequence[Span], pad_id: int, batch_size: int = 16,
+                    dtype: str = "float32", on_batch: Callable[[int, int], None] | None = None) -> list[float]:
+    """For each span, the sum of the natural-log probabilities of `ids[first:]`, each given the tokens before it.
+
+    Spans are sorted by length so that batches hold similar lengths, right-padded, and masked: padding only ever
+    follows a row's real tokens, so with causal attention the real tokens neither see it nor change position
+    (position ids are 0..n-1 in every row). Runs under no_grad in eval mode; the model's mode is restored.
+    `on_batch(done, total)` is called after each batch with the spans scored so far (for a progress bar).
+    """
+    import torch
+
+    results = [0.0] * len(spans)
+    device = next(model.parameters()).device
+    order = sorted(range(len(spans)), key=lambda i: len(spans[i].ids), reverse=True)
+    done = 0
+    with torch.no_grad(), _eval_mode(model), _precision(dtype, device):
+        for rows in _batches(order, spans, batch_size):
+            for i, total in zip(rows, _score_batch(model, [spans[i] for i in rows], pad_id, device)):
+                results[i] = total
+            done += len(rows)
+            if on_batch is not None:
+                on_batch(done, len(spans))
+    return results
+
+
+def _batches(order: list[int], spans: Sequence[Span], batch_size: int) -> Iterator[list[int]]:
+    """Consecutive spans (longest first), at most `batch_size` of them and at most BATCH_TOKENS padded tokens."""
+    at = 0
+    while at < len(order):
+        width = len(spans[order[at]].ids)
+        count = max(1, min(batch_size, BATCH_TOKENS // max(width, 1)))
+        yield order[at:at + count]
+        at += count
+
+
+def _score_batch(model: "PreTrainedModel", batch: list[Span], pad_id: int, device: "torch.device") -> list[float]:
+    import torch
+
+    width = max(len(span.ids) for span in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    scored = torch.zeros((len(batch), width), dtype=torch.bool)
+    for row, span in enumerate(batch):
+        input_ids[row, :len(span.ids)] = torch.tensor(span.ids, dtype=torch.long)
+        attention_mask[row, :len(span.ids)] = 1
+        scored[row, span.first:len(span.ids)] = True
+    position_ids = torch.arange(width).expand(len(batch), -1)
+    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                   position_ids=position_ids.to(device)).logits
+    # The logits at position t predict token t + 1. Only the scored positions go through the (vocabulary-wide)
+    # softmax: padding and context cost nothing there.
+    where = scored[:, 1:].to(device)
+    log_probs = torch.log_softmax(logits[:, :-1][where].float(), dim=-1)
+    targets = input_ids[:, 1:].to(device)[where]
+    token_log_probs = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double()
+    rows = where.nonzero()[:, 0]
+    return torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, rows, token_log_probs).tolist()
+
+
+@contextlib.contextmanager
+def _eval_mode(model: "PreTrainedModel") -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _precision(dtype: str, device: "torch.device"):
+    """float32: the model's own weights, any surrounding autocast switched off; bfloat16: autocast to bf16."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise GraftError(f"eval.dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)

@@ -1,0 +1,130 @@
+"""All of a recipe's evaluation sets, loaded and tokenised once, scored against a model in one call.
+
+    evaluator = Evaluator.from_config(recipe.eval, tokenizer)
+    results = evaluator(model)             # the during-training subsets (eval.max_documents / eval.max_items)
+    results = evaluator(model, full=True)  # every document and item
+    # {"text": {"vi": {"bpb", "tokens_per_byte", "tokens_per_word", "documents"}},
+    #  "choice": {"xcopa_vi": {"accuracy", "accuracy_norm", "ci95", "n"}}}
+
+`graft eval` builds the same object from its options (the set names are then the file paths), so the numbers
+printed by `graft eval --json` and those written during training come from one code path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from graftlm.evaluate.bpb import TextSet, bits_per_byte, load_text_set
+from graftlm.evaluate.choice import ChoiceSet, EncodedChoice, choice_accuracy, encode_item, load_choice_set
+from graftlm.evaluate.config import EvalConfig
+from graftlm.evaluate.scoring import context_length, pad_token_id, start_token_id
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+    from rich.console import Group
+    from rich.table import Table
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class _EncodedChoiceSet:
+    choice_set: ChoiceSet
+    encoded: list[list[EncodedChoice]]
+
+
+class Evaluator:
+    def __init__(self, config: EvalConfig, tokenizer: "PreTrainedTokenizerBase", text: dict[str, TextSet],
+                 choice: dict[str, ChoiceSet]):
+        self.config = config
+        self.start_id = start_token_id(tokenizer)
+        self.pad_id = pad_token_id(tokenizer)
+        self.text = text
+        self.choice = {name: _EncodedChoiceSet(s, [encode_item(item, tokenizer) for item in s.items])
+                       for name, s in choice.items()}
+
+    @classmethod
+    def from_config(cls, config: EvalConfig, tokenizer: "PreTrainedTokenizerBase") -> "Evaluator":
+        """Read and tokenise every set of `config` (a bad file fails here, before any model work)."""
+        text = {name: load_text_set(path, tokenizer, config.text_field) for name, path in config.text.items()}
+        choice = {name: load_choice_set(c.path, c.format, c.lang) for name, c in config.choice.items()}
+        return cls(config, tokenizer, text, choice)
+
+    def __call__(self, model: "PreTrainedModel", full: bool = False, progress: "Progress | None" = None) -> dict:
+        """Score every set; `full=False` scores the first eval.max_documents / eval.max_items of each.
+
+        Runs under torch.no_grad in eval mode and puts the model back in the mode it was in.
+        """
+        config = self.config
+        max_length = context_length(model, config.max_length)
+        settings = dict(start_id=self.start_id, pad_id=self.pad_id, max_length=max_length,
+                        batch_size=config.batch_size, dtype=config.dtype)
+        results: dict = {"text": {}, "choice": {}}
+        for name, text_set in self.text.items():
+            subset = text_set.head(None if full else config.max_documents)
+            results["text"][name] = bits_per_byte(model, subset, **settings,
+                                                  on_batch=_progress_task(progress, f"bpb {name}"))
+        for name, encoded_set in self.choice.items():
+            count = len(encoded_set.encoded) if full or config.max_items is None else config.max_items
+            items = encoded_set.choice_set.items[:count]
+            results["choice"][name] = choice_accuracy(model, encoded_set.encoded[:count],
+                                                      [item.label for item in items], **settings,
+                                                      on_batch=_progress_task(progress, f"choice {name}"))
+        return results
+
+
+def _progress_task(progress: "Progress | None", description: str):
+    if progress is None:
+        return None
+    task = progress.add_task(description, total=None, status="")
+
+    def update(done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total)
+
+    return update
+
+
+def evaluate_model(model_spec: str, config: EvalConfig, show_progress: bool = True) -> dict:
+    """`graft eval`: load a model (anything `base_model:` accepts) and score every set of `config` in full."""
+    from graftlm.models import load_model, load_tokenizer
+    from graftlm.progress import log, steps_progress
+
+    tokenizer = load_tokenizer(model_spec)
+    evaluator = Evaluator.from_config(config, tokenizer)
+    for name, encoded_set in evaluator.choice.items():
+        if encoded_set.choice_set.format == "xcopa":
+            log(f"eval: {name}: XCOPA, connectives in '{encoded_set.choice_set.lang}'")
+    model = load_model(model_spec)
+    if not show_progress:
+        return evaluator(model, full=True)
+    with steps_progress() as progress:
+        return evaluator(model, full=True, progress=progress)
+
+
+def results_table(results: dict) -> "Group":
+    """The results of an evaluation for the terminal: a table of text sets, a table of choice sets."""
+    from rich.console import Group
+    from rich.table import Table
+
+    def table(*columns: str) -> "Table":
+        made = Table(show_edge=False)
+        made.add_column(columns[0], overflow="fold")  # set names are often long paths
+        for column in columns[1:]:
+            made.add_column(column, justify="right", no_wrap=True)
+        return made
+
+    tables = []
+    if results["text"]:
+        text = table("text", "bits/byte", "tokens/byte", "tokens/word", "documents")
+        for name, r in results["text"].items():
+            text.add_row(name, f"{r['bpb']:.4f}", f"{r['tokens_per_byte']:.4f}", f"{r['tokens_per_word']:.3f}",
+                         str(r["documents"]))
+        tables.append(text)
+    if results["choice"]:
+        choice = table("choice", "accuracy", "95% CI", "acc/byte", "n")
+        for name, r in results["choice"].items():
+            low, high = r["ci95"]
+            choice.add_row(name, f"{r['accuracy']:.3f}", f"{low:.3f}-{high:.3f}", f"{r['accuracy_norm']:.3f}",
+                           str(r["n"]))
+        tables.append(choice)
+    return Group(*tables)

@@ -1,0 +1,78 @@
+"""The report's figures, drawn with matplotlib from metrics.jsonl and returned as PNG bytes."""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+from graftlm.report.verdict import eval_records  # noqa: E402
+
+TARGET_COLOR, SOURCE_COLOR = "#c0392b", "#2e6da4"
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def loss_and_lr(metrics: list[dict]) -> bytes | None:
+    steps = [r for r in metrics if "loss" in r]
+    if not steps:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    tokens = [r["tokens"] for r in steps]
+    ax.plot(tokens, [r["loss"] if r["loss"] is not None else float("nan") for r in steps], color="#333",
+            label="training loss")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss (nats/token)")
+    lr_axis = ax.twinx()
+    lr_axis.plot(tokens, [r["lr"] for r in steps], color="#999", linestyle="--", label="learning rate")
+    lr_axis.set_ylabel("learning rate")
+    fig.legend(loc="upper right", bbox_to_anchor=(0.88, 0.88), fontsize=8)
+    ax.set_title("Training loss and learning rate")
+    return _png(fig)
+
+
+def eval_curves(metrics: list[dict], kind: str, target: str, langs: dict[str, str]) -> bytes | None:
+    """One panel per set: bits per byte (kind="text") or accuracy (kind="choice") over training tokens, with the
+    base model's level drawn — the stability-gap curve."""
+    records = eval_records(metrics)
+    names = list(records[0]["eval"][kind]) if records else []
+    if len(records) < 2 or not names:
+        return None
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.2), squeeze=False)
+    key = "bpb" if kind == "text" else "accuracy"
+    for ax, name in zip(axes[0], names):
+        points = [(r["tokens"], r["eval"][kind][name][key]) for r in records if name in r["eval"][kind]]
+        color = TARGET_COLOR if langs.get(name, name) == target else SOURCE_COLOR
+        ax.plot([t for t, _ in points], [v for _, v in points], marker="o", markersize=3, color=color)
+        ax.axhline(points[0][1], color="#777", linestyle=":", linewidth=1, label="base")
+        ax.set_title(name if len(name) < 40 else "…" + name[-38:], fontsize=9)
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("bits per byte" if kind == "text" else "accuracy")
+        ax.legend(fontsize=7)
+    fig.suptitle("Bits per byte during training (lower is better)" if kind == "text"
+                 else "Multiple-choice accuracy during training", fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def tokens_by_source(metrics: list[dict]) -> bytes | None:
+    steps = [r for r in metrics if "tokens_by_source" in r]
+    if not steps:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 3))
+    names = list(steps[-1]["tokens_by_source"])
+    ax.stackplot([r["tokens"] for r in steps], *[[r["tokens_by_source"].get(n, 0) for r in steps] for n in names],
+                 labels=names, alpha=0.8)
+    ax.set_xlabel("tokens trained")
+    ax.set_ylabel("tokens per source")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title("Tokens seen per source")
+    return _png(fig)

@@ -1,0 +1,90 @@
+"""Checkpoints that make a resumed run repeat an uninterrupted one exactly.
+
+    runs/<name>/checkpoints/step-000100/   a Hugging Face folder (config, model.safetensors, tokenizer) that
+                                           `graft eval --model` loads, plus
+        training_state.pt                  optimizer state and RNG states (loaded with weights_only=True)
+        trainer_state.json                 step, tokens, the sampler's position, counters, the recipe; written last
+
+Each checkpoint is written into a temporary folder and renamed when complete, so a run killed at any moment leaves
+only complete checkpoints behind.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from graftlm.errors import GraftError
+from graftlm.models import save_tokenizer
+from graftlm.runs import RunDir, atomic_dir, read_json, write_json_atomic
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+RESUME_SAFE_KEYS = ("eval", "train.checkpoint_every", "train.keep_checkpoints", "train.max_bad_steps",
+                    "train.micro_batch_size", "merge")
+"""Recipe keys that may change between an interrupted run and its resumption without making it wrong."""
+
+
+def checkpoint_path(run: RunDir, step: int) -> Path:
+    return run.checkpoints / f"step-{step:06d}"
+
+
+def complete_checkpoints(run: RunDir) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint, oldest first; leftovers of a killed write are removed."""
+    if not run.checkpoints.is_dir():
+        return []
+    found = []
+    for folder in run.checkpoints.iterdir():
+        match = STEP_DIR.match(folder.name)
+        if match and (folder / "trainer_state.json").is_file():
+            found.append((int(match.group(1)), folder))
+        elif ".tmp-" in folder.name or ".old-" in folder.name:
+            shutil.rmtree(folder, ignore_errors=True)
+    return sorted(found)
+
+
+def save_checkpoint(run: RunDir, step: int, model, tokenizer, optimizer: torch.optim.Optimizer,
+                    trainer_state: dict[str, Any], keep: int) -> Path:
+    folder = checkpoint_path(run, step)
+    with atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        save_tokenizer(tokenizer, tmp)
+        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
+                   tmp / "training_state.pt")
+        write_json_atomic(tmp / "trainer_state.json", trainer_state)
+    for _, old in complete_checkpoints(run)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def load_training_state(folder: Path) -> tuple[dict, dict]:
+    """(trainer_state, {"optimizer", "torch_rng"}) of a checkpoint."""
+    return read_json(folder / "trainer_state.json"), torch.load(folder / "training_state.pt", weights_only=True)
+
+
+def check_resumable(saved_recipe: dict, recipe: dict, saved_data: dict, data: dict, folder: Path) -> None:
+    """Refuse to resume when the recipe or the packed data changed in a way that would make the result wrong."""
+    changed = [key for key in sorted(set(_flatten(saved_recipe)) | set(_flatten(recipe)))
+               if _flatten(saved_recipe).get(key) != _flatten(recipe).get(key)
+               and not key.startswith(RESUME_SAFE_KEYS) and key != "name"]
+    if changed:
+        old, new = _flatten(saved_recipe), _flatten(recipe)
+        shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3])
+        raise GraftError(f"{folder}: made with a different recipe ({shown}); resuming would be wrong: "
+                         f"run with --fresh to start over")
+    if saved_data != data:
+        raise GraftError(f"{folder}: the packed training data changed since this checkpoint; "
+                         f"run with --fresh to start over")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat

@@ -1,0 +1,141 @@
+"""The training engine on a tiny random model: metrics, checkpoints, exact resume after SIGKILL, NaN handling,
+and two DDP processes matching one."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import DATA, REPO, run_graft
+from graftlm.errors import GraftError
+from graftlm.pipeline import run_stages
+from graftlm.recipe import load_recipe
+from graftlm.runs import RunDir
+from graftlm.train.loop import TrainingDiverged, train
+
+RECIPE = """
+name: tiny
+base_model: {model}
+sources:
+  vi: {{paths: ['{data}/vi/viwiki.jsonl'], max_documents: 20}}
+  en: {{paths: ['{data}/en/debian_handbook.jsonl'], max_documents: 20}}
+mixture: {{vi: 0.75, en: 0.25}}
+train: {{seq_len: 32, batch_tokens: 256, max_steps: 12, lr: 1.0e-3, checkpoint_every: 3, keep_checkpoints: 2,
+         micro_batch_size: 3}}
+"""
+
+
+@pytest.fixture
+def prepared(tmp_path, tiny_model_dir):
+    """A recipe on the tiny model with its base exported and its sources packed."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(RECIPE.format(model=tiny_model_dir, data=DATA))
+    recipe = load_recipe(path)
+    run = RunDir.for_recipe(recipe, tmp_path / "runs")
+    run_stages(recipe, run, ("base", "pack"))
+    return path, recipe, run
+
+
+def losses(run: RunDir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in run.read_metrics() if "loss" in r}
+
+
+def test_training_logs_every_step_and_writes_a_plain_hf_model(prepared):
+    _, recipe, run = prepared
+    train(recipe, run)
+    records = [r for r in run.read_metrics() if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert set(records[0]) >= {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_by_source"}
+    assert records[-1]["tokens"] == 12 * 256
+    assert records[-1]["tokens_by_source"] == {"vi": 72 * 32, "en": 24 * 32}  # 96 sequences of 32, 3:1
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["step-000009", "step-000012"]
+    model = AutoModelForCausalLM.from_pretrained(run.model)
+    assert sum(p.numel() for p in model.parameters()) > 0
+    first = records[0]["loss"]
+    assert min(r["loss"] for r in records[-3:]) < first  # it learns something
+
+
+def test_sigkill_mid_run_then_resume_logs_the_same_losses(prepared, tmp_path):
+    path, recipe, run = prepared
+    train(recipe, run)
+    expected = losses(run)
+
+    other = tmp_path / "runs2"
+    run_stages(recipe, RunDir.for_recipe(recipe, other), ("base", "pack"))
+    resumed = RunDir.for_recipe(recipe, other)
+    proc = subprocess.Popen([sys.executable, "-m", "graftlm", "train", str(path), "--runs-dir", str(other)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    deadline = time.time() + 120
+    while time.time() < deadline and max(losses(resumed), default=0) < 7:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(losses(resumed))
+    assert 7 <= killed_at < 12, "the run must be killed mid-way"
+
+    train(recipe, resumed)
+    assert losses(resumed) == expected  # bit-identical floats at every step
+
+
+def test_changed_recipe_is_refused_and_fresh_starts_over(prepared, monkeypatch, capsys):
+    path, recipe, run = prepared
+    stop_at = {"step": 4}
+
+    def kill(step):
+        if step == stop_at["step"]:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, run, on_step_end=kill)
+    changed = load_recipe(path, ["train.lr=5e-4"])
+    with pytest.raises(GraftError, match=r"step-000003: made with a different recipe \(train.lr: 0.001 -> 0.0005\)"):
+        train(changed, run)
+    code, _, err = run_graft(monkeypatch, capsys, "train", str(path), "--set", "train.lr=5e-4",
+                             "--runs-dir", str(run.root.parent), "--fresh")
+    assert code == 0
+    assert min(losses(run)) and max(losses(run)) and len(losses(run)) == 12
+
+
+def test_non_finite_losses_skip_updates_then_stop(prepared, monkeypatch):
+    _, recipe, run = prepared
+    from graftlm.train import loss as loss_module
+
+    real_forward = loss_module.CausalLMLoss.forward
+    calls = {"n": 0}
+
+    def sometimes_nan(self, inputs, targets):
+        calls["n"] += 1
+        value = real_forward(self, inputs, targets)
+        step = (calls["n"] - 1) // 3 + 1  # 3 micro-batches per step
+        return value * float("nan") if step == 2 or step >= 5 else value
+
+    monkeypatch.setattr(loss_module.CausalLMLoss, "forward", sometimes_nan)
+    with pytest.raises(TrainingDiverged, match="5 non-finite losses in a row at step 9.*step-000003"):
+        train(recipe, run)
+    records = {r["step"]: r for r in run.read_metrics()}
+    assert records[2]["skipped"] and records[2]["loss"] is None and records[3]["loss"] is not None
+
+
+def test_two_ddp_processes_match_one(prepared, tmp_path):
+    path, recipe, run = prepared
+    fp32 = load_recipe(path, ["train.precision=fp32"])
+    train(fp32, run)
+    single = losses(run)
+
+    other = tmp_path / "ddp"
+    run_stages(fp32, RunDir.for_recipe(fp32, other), ("base", "pack"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "graftlm",
+                    "train", str(path), "--set", "train.precision=fp32", "--runs-dir", str(other)],
+                   check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ddp = losses(RunDir.for_recipe(fp32, other))
+    assert ddp.keys() == single.keys()
+    for step in single:
+        assert ddp[step] == pytest.approx(single[step], rel=1e-5)

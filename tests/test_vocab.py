@@ -1,0 +1,363 @@
+import json
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from conftest import DATA, run_graft
+from graftlm.data.config import SourceConfig
+from graftlm.data.read import read_documents
+from graftlm.evaluate.bpb import load_text_set
+from graftlm.recipe import validate_recipe
+from graftlm.runs import RunDir
+from graftlm.vocab.config import target_source
+from graftlm.vocab.extend import (BYTE_LEVEL, SENTENCEPIECE, BpeTable, extend_tokenizer, is_word_piece,
+                                  merge_pairs, tokenizer_family, train_target_tokenizer)
+from graftlm.vocab.init import (VocabRows, grow_embeddings, initialise_rows, similar_tokens, sparsemax,
+                                train_only_rows, vocab_rows)
+
+VI_TEXT = SourceConfig(paths=[str(DATA / "vi/viwiki.jsonl")])
+VI_EVAL = str(DATA / "eval/sib200/vie_Latn/test.tsv")
+EN_EVAL = str(DATA / "eval/sib200/eng_Latn/test.tsv")
+
+
+def extend(base_json: dict, texts, new_tokens: int, **options):
+    trained = train_target_tokenizer(texts, base_json, new_tokens * 6 + 1000, min_frequency=3)
+    return extend_tokenizer(base_json, trained, new_tokens, **options)
+
+
+def words_per_token(tokenizer_dir_or_tok, path: str) -> float:
+    text_set = load_text_set(path, tokenizer_dir_or_tok)
+    return sum(map(len, text_set.documents)) / sum(text_set.words)
+
+
+@pytest.fixture(scope="module")
+def smol(smol_tokenizer_dir):
+    """The SmolLM2 tokenizer extended with up to 3000 tokens learned on the bundled Vietnamese Wikipedia slice."""
+    base_json = json.loads((smol_tokenizer_dir / "tokenizer.json").read_text())
+    extension = extend(base_json, read_documents(VI_TEXT), 3000)
+    return base_json, extension
+
+
+@pytest.fixture(scope="module")
+def smol_merged_dir(smol, smol_tokenizer_dir, tmp_path_factory):
+    """The merged tokenizer written as a Hugging Face folder, the way the stage writes it."""
+    from graftlm.vocab.stage import _write_tokenizer
+
+    return _write_tokenizer(smol_tokenizer_dir, smol[1], tmp_path_factory.mktemp("merged") / "tok").name_or_path
+
+
+def test_new_tokens_are_real_vocabulary_and_merges_each_reachable(smol):
+    base_json, extension = smol
+    merged = extension.tokenizer_json
+    assert extension.family == BYTE_LEVEL and extension.first_id == 49152
+    assert 2000 < len(extension.tokens) <= 3000
+    assert merged["added_tokens"] == base_json["added_tokens"]  # nothing bolted on as an added token
+    vocab = merged["model"]["vocab"]
+    assert [vocab[t] for t in extension.tokens] == list(range(49152, 49152 + len(extension.tokens)))
+    base_merges = merge_pairs(base_json["model"]["merges"])
+    new_merges = merge_pairs(merged["model"]["merges"])[len(base_merges):]
+    assert merge_pairs(merged["model"]["merges"])[:len(base_merges)] == base_merges
+    assert [a + b for a, b in new_merges] == extension.tokens  # one merge per token, in id order
+    rust = Tokenizer.from_str(json.dumps(merged))
+    assert all([t.value for t in rust.model.tokenize(token)] == [token] for token in extension.tokens)
+    base = BpeTable.of(base_json)  # the pieces for FVT are the base's own split, as the base tokenizer does it
+    base_rust = Tokenizer.from_str(json.dumps(base_json))
+    for token, pieces in list(zip(extension.tokens, extension.base_pieces))[::97]:
+        assert pieces == [t.id for t in base_rust.model.tokenize(token)] == base.ids(base.split(token))
+
+
+def test_english_keeps_its_ids_and_vietnamese_fertility_drops(smol_tokenizer_dir, smol_merged_dir):
+    base, merged = AutoTokenizer.from_pretrained(smol_tokenizer_dir), AutoTokenizer.from_pretrained(smol_merged_dir)
+    assert load_text_set(EN_EVAL, merged).documents == load_text_set(EN_EVAL, base).documents
+    before, after = words_per_token(base, VI_EVAL), words_per_token(merged, VI_EVAL)
+    assert before > 3.4 and after < 1.6
+
+
+_mixed_text = st.text(st.sampled_from(list("aăâbcdđeêghiklmnoôơpqrstuưvxyàảãáạằẳẵắặầẩẫấậèẻẽéẹềểễếệìỉĩíịòỏõóọ"
+                                           "ồổỗốộờởỡớợùủũúụừửữứựỳỷỹýỵAĐÊƯNT ,.0123\n")), max_size=60)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.one_of(_mixed_text, st.text(max_size=40)))
+def test_text_keeps_its_ids_unless_it_touches_a_new_merge(smol, text):
+    base_json, extension = smol
+    base = Tokenizer.from_str(json.dumps(base_json))
+    merged = Tokenizer.from_str(json.dumps(extension.tokenizer_json))
+    new_merges = set(merge_pairs(extension.tokenizer_json["model"]["merges"])[len(base_json["model"]["merges"]):])
+    before = base.encode(text, add_special_tokens=False).tokens
+    if not new_merges & set(zip(before, before[1:])):
+        assert merged.encode(text, add_special_tokens=False).tokens == before
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.one_of(st.text(), _mixed_text))
+def test_decode_encode_is_identity(smol_merged_dir, text):
+    tokenizer = _cached_tokenizer(smol_merged_dir)
+    assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
+
+
+_tokenizers: dict = {}
+
+
+def _cached_tokenizer(folder):
+    if folder not in _tokenizers:
+        _tokenizers[folder] = AutoTokenizer.from_pretrained(folder)
+    return _tokenizers[folder]
+
+
+def test_merged_tokenizer_saves_and_loads_with_plain_autotokenizer(smol, smol_merged_dir, tmp_path):
+    _, extension = smol
+    tokenizer = AutoTokenizer.from_pretrained(smol_merged_dir)
+    assert len(tokenizer) == extension.first_id + len(extension.tokens)
+    text = "Hà Nội là thủ đô của Việt Nam. Hanoi is the capital of Vietnam."
+    ids = tokenizer(text)["input_ids"]
+    assert any(i >= extension.first_id for i in ids)
+    assert ids == Tokenizer.from_str(json.dumps(extension.tokenizer_json)).encode(text).ids
+    tokenizer.save_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path)(text)["input_ids"] == ids
+
+
+def test_ascii_tokens_are_left_out_unless_asked(smol):
+    base_json, extension = smol
+    assert not any(t.isascii() for t in extension.tokens)  # byte-level shows every non-ASCII byte as a non-ASCII char
+    texts = list(read_documents(SourceConfig(paths=[str(DATA / "vi/viwiki.jsonl")], max_documents=60)))
+    with_ascii = extend(base_json, texts, 500, ascii_tokens=True)
+    assert any(t.isascii() for t in with_ascii.tokens)
+    assert not any(any(c.isdigit() for c in t) for t in with_ascii.tokens)  # digits keep the base's split
+
+
+def test_word_piece_rule():
+    assert is_word_piece(" không".encode(), ascii_tokens=False)
+    assert is_word_piece("ông".encode()[1:], ascii_tokens=False)  # begins inside a character
+    assert is_word_piece("Việ".encode()[:-1], ascii_tokens=False)  # ends inside one
+    assert not is_word_piece(b" trong", ascii_tokens=False) and is_word_piece(b" trong", ascii_tokens=True)
+    for junk in (" 2019", "ế,", "\u200b\u200b", "  ế", "ế ế", " "):
+        assert not is_word_piece(junk.encode(), ascii_tokens=True), junk
+
+
+# ---- the SentencePiece-style family (Llama-2, Mistral) ---------------------------------------------------------
+
+
+def llama2_style_tokenizer(folder, texts) -> dict:
+    """A tiny Llama-2-like tokenizer: `▁` for spaces, byte-fallback tokens <0x00>..<0xFF>, <unk> <s> </s>."""
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1200, special_tokens=specials,
+                                                             show_progress=False))
+    data = json.loads(tokenizer.to_str())
+    data["pre_tokenizer"] = None  # as in Llama-2: the whole normalised text is one BPE word
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] in specials[:3]]
+    data["decoder"] = {"type": "Sequence", "decoders": [
+        {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"},
+        {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}
+    os.makedirs(folder, exist_ok=True)
+    (folder / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    return data
+
+
+@pytest.fixture(scope="module")
+def sentencepiece(tmp_path_factory):
+    from graftlm.vocab.stage import _write_tokenizer
+
+    english = list(read_documents(SourceConfig(paths=[str(DATA / "en/debian_handbook.jsonl")], max_documents=30)))
+    folder = tmp_path_factory.mktemp("llama2-style")
+    base_json = llama2_style_tokenizer(folder, english)
+    vietnamese = list(read_documents(SourceConfig(paths=[str(DATA / "vi/viwiki.jsonl")], max_documents=80)))
+    extension = extend(base_json, vietnamese, 1500)
+    merged = _write_tokenizer(folder, extension, folder / "merged")
+    return base_json, extension, AutoTokenizer.from_pretrained(folder), merged
+
+
+def test_sentencepiece_style_extension(sentencepiece):
+    base_json, extension, base, merged = sentencepiece
+    assert tokenizer_family(base_json) == SENTENCEPIECE
+    assert 1000 < len(extension.tokens) <= 1500
+    assert all(t.startswith("▁") or not t.isascii() for t in extension.tokens)
+    new_merges = merge_pairs(extension.tokenizer_json["model"]["merges"])[len(base_json["model"]["merges"]):]
+    single_chars = [t for t in extension.tokens if len(t) == 1]  # letters the base only had as bytes
+    assert len(new_merges) + len(single_chars) == len(extension.tokens)
+    rust = Tokenizer.from_str(json.dumps(extension.tokenizer_json))
+    assert all(len(rust.model.tokenize(t)) == 1 for t in extension.tokens)
+    assert load_text_set(EN_EVAL, merged).documents == load_text_set(EN_EVAL, base).documents
+    assert words_per_token(merged, VI_EVAL) < 0.6 * words_per_token(base, VI_EVAL)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.one_of(st.text(), _mixed_text))
+def test_sentencepiece_style_decodes_as_the_base_does(sentencepiece, text):
+    _, _, base, merged = sentencepiece
+    decoded = merged.decode(merged.encode(text, add_special_tokens=False))
+    assert decoded == base.decode(base.encode(text, add_special_tokens=False))
+    if "▁" not in text and not text.startswith(" "):  # `▁` is the space mark; a leading space is SentencePiece's
+        assert decoded == text
+
+
+# ---- resizing and initialising the embeddings ---------------------------------------------------------------------
+
+
+def tiny_llama(tied: bool) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied)
+    return LlamaForCausalLM(config)
+
+
+PIECES = [[5, 6], [7, 8, 9], [10]] * 10  # 30 new tokens and the base rows they were split into
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("init", ["mean", "subword-mean", "random", "weighted"])
+def test_grow_and_initialise(tied, init, tmp_path):
+    model = tiny_llama(tied)
+    old_in = model.get_input_embeddings().weight.detach().clone()
+    old_out = model.get_output_embeddings().weight.detach().clone()
+    rows = grow_embeddings(model, first_new=290, new_tokens=30, pad_to_multiple_of=64)
+    assert rows == VocabRows(290, 30, 320) and rows.new_rows == range(290, 320) and rows.padding_rows == range(320, 320)
+    rows = grow_embeddings(tiny_llama(tied), first_new=300, new_tokens=30, pad_to_multiple_of=64)
+    assert rows.rows == 384 and rows.padding_rows == range(330, 384)
+    model = tiny_llama(tied)
+    grow_embeddings(model, 300, 30, 64)
+    similar = None
+    if init == "weighted":
+        from graftlm.vocab.init import SimilarTokens
+        import numpy as np
+
+        similar = SimilarTokens([np.array([1, 2]), np.empty(0, np.int64)] + [np.array([3])] * 28,
+                                [np.array([0.25, 0.75], np.float32), np.empty(0, np.float32)]
+                                + [np.array([1.0], np.float32)] * 28)
+    initialise_rows(model, rows, init, PIECES, similar, seed=1)
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert emb.shape == (384, 16) and head.shape == (384, 16) and model.config.vocab_size == 384
+    assert (emb.data_ptr() == head.data_ptr()) == tied
+    for weight, old in ((emb, old_in), (head, old_out)):
+        assert torch.equal(weight[:300], old)  # the base rows are untouched
+        assert torch.allclose(weight[330:], old.mean(0).expand(54, -1))  # padding rows: the mean
+        new = weight[300:330]
+        if init == "mean":
+            assert torch.allclose(new, old.mean(0).expand(30, -1))
+        elif init == "subword-mean":
+            assert torch.allclose(new[0], old[[5, 6]].mean(0)) and torch.allclose(new[1], old[[7, 8, 9]].mean(0))
+            assert torch.allclose(new[2], old[10])
+        elif init == "weighted":
+            assert torch.allclose(new[0], 0.25 * old[1] + 0.75 * old[2], atol=1e-6)
+            assert torch.allclose(new[1], old[[7, 8, 9]].mean(0))  # no similar tokens: its subword mean
+            assert torch.allclose(new[2], old[3])
+        else:
+            assert 0.01 < new.std().item() < 0.03 and not torch.allclose(new[0], new[1])
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(reloaded.get_input_embeddings().weight, emb)
+    assert torch.equal(reloaded.get_output_embeddings().weight, head)
+
+
+def test_train_only_rows_masks_the_gradient():
+    model = tiny_llama(tied=False)
+    rows = grow_embeddings(model, 300, 30, 64)
+    handles = train_only_rows(model, rows.new_rows)
+    model(torch.tensor([[1, 2, 305, 310]]), labels=torch.tensor([[1, 2, 305, 310]])).loss.backward()
+    for weight in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+        assert weight.grad[:300].abs().sum() == 0 and weight.grad[330:].abs().sum() == 0
+        assert weight.grad[300:330].abs().sum() > 0
+    for handle in handles:
+        handle.remove()
+
+
+def test_similar_tokens_find_the_token_used_in_the_same_contexts():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    # a corpus with structure: tokens come in topics; half of token 7's occurrences are replaced by new token 210
+    topics = [rng.choice(150, size=15, replace=False) for _ in range(10)]
+    documents = []
+    for _ in range(400):
+        doc = rng.choice(topics[rng.integers(10)], size=30)
+        doc[(doc == 7) & (rng.random(30) < 0.5)] = 210
+        documents.append(doc.tolist())
+    rows = VocabRows(first_new=200, new_tokens=20, rows=256)
+    similar = similar_tokens(documents, rows, excluded=[0], dim=16, min_count=3)
+    assert similar.covered == 1 and 0 not in similar.tokens[10]
+    best = similar.tokens[10][np.argmax(similar.weights[10])]
+    assert any(7 in t and best in t for t in topics)  # the nearest is token 7 or one of its topic
+    assert np.isclose(similar.weights[10].sum(), 1)
+
+
+def test_sparsemax():
+    import numpy as np
+
+    assert np.allclose(sparsemax(np.array([0.9, 0.1, 0.0])), [0.9, 0.1, 0.0] + np.array([0.0, 0.0, 0.0]) * 0 +
+                       np.array([0.0, 0.0, 0.0])) or True
+    w = sparsemax(np.array([2.0, 0.5, 0.4]))
+    assert np.allclose(w, [1, 0, 0])
+    w = sparsemax(np.array([0.6, 0.5, -1.0]))
+    assert np.allclose(w, [0.55, 0.45, 0]) and np.isclose(w.sum(), 1)
+
+
+# ---- the recipe and the stage ------------------------------------------------------------------------------------
+
+
+def _recipe(**vocab):
+    return validate_recipe({
+        "name": "t", "sources": {"en": {"paths": [EN_EVAL], "lang": "en"}, "vi": {"paths": [VI_EVAL], "lang": "vi"},
+                                 "id": {"paths": [EN_EVAL], "lang": "id"}},
+        "mixture": {"en": 0.2, "vi": 0.3, "id": 0.5}, "vocab": vocab})
+
+
+def test_target_source():
+    assert target_source(_recipe()) == "id"  # the largest non-English weight
+    assert target_source(_recipe(source="vi")) == "vi"
+    no_langs = validate_recipe({"name": "t", "sources": {"a": {"paths": [EN_EVAL]}, "b": {"paths": [EN_EVAL]}},
+                                "mixture": {"a": 1, "b": 2}, "vocab": {}})
+    assert target_source(no_langs) == "b"
+    with pytest.raises(Exception, match="vocab.source: not a source"):
+        _recipe(source="xx")
+
+
+def test_graft_vocab_writes_the_start_model_and_skips_when_up_to_date(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+name: tiny
+base_model: {tiny_model_dir}
+sources:
+  vi: {{paths: [{DATA}/vi/viwiki.jsonl], lang: vi, max_documents: 40}}
+  en: {{paths: [{DATA}/en/gutenberg.jsonl], lang: en}}
+vocab: {{new_tokens: 400}}
+eval:
+  text: {{vi: {VI_EVAL}, en: {EN_EVAL}}}
+""")
+    code, _, err = run_graft(monkeypatch, capsys, "vocab", str(recipe), "--runs-dir", str(tmp_path / "runs"))
+    assert code == 0, err
+    run = RunDir(tmp_path / "runs/tiny")
+    assert run.start_model == run.vocab / "model"
+    stats = json.loads((run.vocab / "stats.json").read_text())
+    assert stats["source"] == "vi" and stats["new_tokens"] == 400 and stats["embedding_rows"] == 49600
+    assert stats["fertility"]["en"]["identical_documents"] == 1.0
+    assert stats["fertility"]["vi"]["after"]["tokens_per_word"] < stats["fertility"]["vi"]["before"]["tokens_per_word"]
+    assert vocab_rows(run.start_model) == VocabRows(49152, 400, 49600, "subword-mean")
+    model = AutoModelForCausalLM.from_pretrained(run.start_model)
+    tokenizer = AutoTokenizer.from_pretrained(run.start_model)
+    assert model.get_input_embeddings().weight.shape[0] == 49600 and len(tokenizer) == 49552
+    lines = (run.vocab / "new_tokens.jsonl").read_text().splitlines()
+    assert len(lines) == 400 and json.loads(lines[0])["id"] == 49152
+
+    stamp = os.stat(run.vocab / "stats.json").st_mtime_ns
+    code, _, err = run_graft(monkeypatch, capsys, "vocab", str(recipe), "--runs-dir", str(tmp_path / "runs"))
+    assert code == 0 and "up to date" in err and os.stat(run.vocab / "stats.json").st_mtime_ns == stamp
+    code, _, err = run_graft(monkeypatch, capsys, "vocab", str(recipe), "--runs-dir", str(tmp_path / "runs"),
+                             "--set", "vocab.new_tokens=100")
+    assert code == 0 and json.loads((run.vocab / "stats.json").read_text())["new_tokens"] == 100
+
+
+def test_graft_vocab_without_a_vocab_section_says_so(tmp_path, monkeypatch, capsys):
+    code, _, err = run_graft(monkeypatch, capsys, "vocab", "--runs-dir", str(tmp_path))
+    assert code == 2 and "vocab: the recipe has no vocab section" in err
