@@ -1,7 +1,7 @@
 """Evaluation speed: one pass of each bundled eval set with graftlm's batched evaluator, in float32 and bfloat16,
 against a plain transformers loop (one document per forward pass) on the same text, in one run.
 
-    .venv/bin/python bench/eval.py [--max-documents 40] [--max-items 100] [--model smollm2-135m]
+    .venv/bin/python bench/eval.py [--max-documents 40] [--max-items 100] [--threads 1] [--model smollm2-135m]
 
 Prints seconds per pass (what the training loop pays every `eval.every` steps) and the numbers themselves.
 """
@@ -37,8 +37,13 @@ def main() -> None:
     parser.add_argument("--max-items", type=int, default=None, help="items per choice set (default: all)")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     args = parser.parse_args()
     os.chdir(REPO)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from graftlm.evaluate.bpb import load_text_set
     from graftlm.evaluate.config import ChoiceSetConfig, EvalConfig
@@ -49,11 +54,12 @@ def main() -> None:
     tokenizer, model = load_tokenizer(args.model), load_model(args.model)
     config = EvalConfig(text=TEXT, choice=CHOICE, max_documents=args.max_documents, max_items=args.max_items,
                         batch_size=args.batch_size)
-    print(f"model {args.model}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, "
-          f"batch size {args.batch_size}")
+    print(f"model {args.model}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
+          f"load average {os.getloadavg()[0]:.1f}, batch size {args.batch_size}")
     one_set = {name: config.model_copy(update={"text": {name: path}, "choice": {}}) for name, path in TEXT.items()}
     one_set |= {name: config.model_copy(update={"text": {}, "choice": {name: ChoiceSetConfig(path=path)}})
                 for name, path in CHOICE.items()}
+    timings: dict[tuple[str, str], float] = {}
     for dtype in args.dtypes.split(","):
         for name, set_config in one_set.items():
             evaluator = Evaluator.from_config(set_config.model_copy(update={"dtype": dtype}), tokenizer)
@@ -68,10 +74,13 @@ def main() -> None:
                 shown = (f"accuracy {r['accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]  "
                          f"accuracy/byte {r['accuracy_norm']:.3f}  n {r['n']}")
             print(f"{name:12} {dtype:9} {seconds:7.1f} s   {shown}", flush=True)
+            timings[name, dtype] = seconds
     for name, path in TEXT.items():
         text_set = load_text_set(path, tokenizer, max_documents=args.max_documents)
         seconds = plain_loop_seconds(model, text_set, start_token_id(tokenizer))
-        print(f"{name:12} plain loop (float32, a document per forward pass) {seconds:7.1f} s", flush=True)
+        ratio = seconds / timings[name, "float32"] if (name, "float32") in timings else float("nan")
+        print(f"{name:12} plain loop (float32, a document per forward pass) {seconds:7.1f} s   "
+              f"graftlm float32 is {ratio:.2f}x faster", flush=True)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 

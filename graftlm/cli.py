@@ -126,6 +126,30 @@ def train(recipe: Optional[Path] = RecipeArg, set_: List[str] = SetOpt, runs_dir
 
 
 @app.command()
+def merge(recipe: Optional[Path] = RecipeArg, set_: List[str] = SetOpt, runs_dir: Path = RunsOpt) -> None:
+    """Average, interpolate or add a chat vector to the trained model (the recipe's merge: section), and evaluate it."""
+    from graftlm.pipeline import run_stages
+    from graftlm.runs import RunDir
+
+    loaded = _load(recipe, set_)
+    if loaded.merge is None:
+        raise GraftError("merge: the recipe has no merge section (add one, or --set merge.alpha=0.5)")
+    run_stages(loaded, RunDir.for_recipe(loaded, runs_dir), ("merge",))
+
+
+@app.command()
+def compare(recipe: Optional[Path] = RecipeArg,
+            vary: List[str] = typer.Option([], "--vary", help="A key and its values: --vary train.method=full,lora "
+                                           "(repeatable: a grid of every combination, or pairs with --zip)."),
+            zip_: bool = typer.Option(False, "--zip", help="Pair the i-th values of every --vary instead of a grid."),
+            set_: List[str] = SetOpt, runs_dir: Path = RunsOpt) -> None:
+    """Train variants of a recipe on the same data and budget; one report of their gains and losses."""
+    from graftlm.compare import run_compare
+
+    run_compare(recipe, set_, vary, zip_, runs_dir)
+
+
+@app.command()
 def report(run_dir: Path = typer.Argument(..., help="A run directory, e.g. runs/demo-vi.")) -> None:
     """Rebuild a run's report.html (and its model card) from what the run wrote."""
     from graftlm.pipeline import STAGES

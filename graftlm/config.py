@@ -25,3 +25,18 @@ def _resolve_path(value: str, info: ValidationInfo) -> str:
 
 RecipePath = Annotated[str, AfterValidator(_resolve_path)]
 """A file, folder or glob named in a recipe."""
+
+
+def resolve_model_spec(spec: str, info: ValidationInfo) -> str:
+    """A model named in a recipe: one that names an existing file or folder becomes an absolute path (relative to
+    the recipe's folder); anything else (a bundled name, a hub id) is kept."""
+    base_dir = (info.context or {}).get("base_dir", ".")
+    candidate = os.path.join(base_dir, os.path.expanduser(spec))
+    looks_like_path = spec.startswith((".", "/", "~")) or spec.endswith(".gguf")
+    if os.path.exists(candidate) or looks_like_path:
+        return os.path.normpath(os.path.abspath(candidate))
+    return spec
+
+
+ModelSpec = Annotated[str, AfterValidator(resolve_model_spec)]
+"""A model: a bundled name (`smollm2-135m`), a Hugging Face folder, a .gguf file or a hub id."""

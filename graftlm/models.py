@@ -90,9 +90,15 @@ def load_model(spec: str, dtype: "torch.dtype | None" = None, trust_remote_code:
 
 def _quiet_transformers() -> None:
     """graftlm shows its own progress; transformers' per-tensor bars would bury it."""
+    import functools
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_loading
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    # the GGUF dequantisation bar is a plain tqdm that the switch above does not reach
+    if not isinstance(gguf_loading.tqdm, functools.partial):
+        gguf_loading.tqdm = functools.partial(gguf_loading.tqdm, disable=True)
 
 
 def load_tokenizer(spec: str, trust_remote_code: bool = False) -> "PreTrainedTokenizerBase":

@@ -1,5 +1,6 @@
-"""`graft run`: the stages of a recipe in order. Each stage reads the outputs of the ones before it from the run
-directory and skips itself when its complete output is already there."""
+"""`graft run`: the stages of a recipe in order (base, curate, vocab, pack, train, merge, report). Each stage reads
+the outputs of the ones before it from the run directory and skips itself when its complete output is already
+there."""
 
 from __future__ import annotations
 
@@ -45,6 +46,12 @@ def _train(recipe: Recipe, run: RunDir) -> None:
     train(recipe, run)
 
 
+def _merge(recipe: Recipe, run: RunDir) -> None:
+    from graftlm.merge.stage import run_merge
+
+    run_merge(recipe, run)
+
+
 def _report(recipe: Recipe, run: RunDir) -> None:
     from graftlm.progress import console
     from graftlm.report.page import build_report, verdict_table
@@ -62,6 +69,7 @@ STAGES: dict[str, Callable[[Recipe, RunDir], None]] = {
     "vocab": _vocab,
     "pack": _pack,
     "train": _train,
+    "merge": _merge,
     "report": _report,
 }
 PREPARE_STAGES = ("base", "curate", "vocab", "pack")

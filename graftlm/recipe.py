@@ -17,11 +17,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from graftlm.config import Section
+from graftlm.config import Section, resolve_model_spec
 from graftlm.curate.config import CurateConfig
 from graftlm.data.config import MixtureConfig, PackConfig, SourceConfig
 from graftlm.errors import RecipeError
 from graftlm.evaluate.config import EvalConfig
+from graftlm.merge.config import MergeConfig
 from graftlm.report.config import ReportConfig
 from graftlm.train.config import TrainConfig
 from graftlm.vocab.config import VocabConfig
@@ -45,6 +46,8 @@ class Recipe(Section):
     pack: PackConfig = PackConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    merge: MergeConfig | None = None
+    """Averaging and merging after training (graftlm/merge/); absent (null): the trained model is the result."""
     report: ReportConfig = ReportConfig()
 
     @field_validator("name")
@@ -58,12 +61,7 @@ class Recipe(Section):
     @classmethod
     def _resolve_base_model(cls, spec: str, info) -> str:
         """A base model that names an existing file or folder becomes an absolute path; anything else is kept."""
-        base_dir = (info.context or {}).get("base_dir", ".")
-        candidate = os.path.join(base_dir, os.path.expanduser(spec))
-        looks_like_path = spec.startswith((".", "/", "~")) or spec.endswith(".gguf")
-        if os.path.exists(candidate) or looks_like_path:
-            return os.path.normpath(os.path.abspath(candidate))
-        return spec
+        return resolve_model_spec(spec, info)
 
     @model_validator(mode="after")
     def _mixture_names_sources(self) -> "Recipe":
@@ -85,6 +83,25 @@ class Recipe(Section):
     def _vocab_source_is_a_source(self) -> "Recipe":
         if self.vocab is not None and self.vocab.source is not None and self.vocab.source not in self.sources:
             raise _KeyProblem("vocab.source", f"not a source (sources: {', '.join(self.sources)})")
+        return self
+
+    @model_validator(mode="after")
+    def _distilled_sources_are_sources(self) -> "Recipe":
+        distill = self.train.distill
+        for name in (distill.sources or []) if distill is not None else []:
+            if name not in self.sources:
+                raise _KeyProblem("train.distill.sources", f"'{name}' is not a source (sources: "
+                                  f"{', '.join(self.sources)})")
+        return self
+
+    @model_validator(mode="after")
+    def _averaging_is_chosen_once(self) -> "Recipe":
+        if self.merge is not None and self.merge.average_last > 1 and self.train.ema and self.train.ema.export:
+            raise _KeyProblem("merge.average_last", "averages checkpoints, and train.ema.export exports the moving "
+                              "average: choose one")
+        if self.merge is not None and self.merge.average_last > self.train.keep_checkpoints:
+            raise _KeyProblem("merge.average_last", f"needs that many checkpoints kept: set train.keep_checkpoints "
+                              f"to at least {self.merge.average_last}")
         return self
 
     def mixture_weights(self) -> dict[str, float]:

@@ -2,7 +2,7 @@
 
     runs/<name>/recipe.yaml      the resolved recipe, every default written out
     runs/<name>/base/            the base model as a plain Hugging Face folder
-    runs/<name>/curated/ vocab/ packed/ checkpoints/ model/
+    runs/<name>/curated/ vocab/ packed/ checkpoints/ model/ adapter/ merged/ compare/
     runs/<name>/metrics.jsonl    one JSON object per logged step or evaluation
     runs/<name>/report.html
 """
@@ -24,10 +24,12 @@ from graftlm.recipe import Recipe
 @dataclass(frozen=True)
 class RunDir:
     root: Path
+    extended_vocab: bool | None = None
+    """Whether training starts from the vocabulary-extended model; None: whenever one is there."""
 
     @classmethod
     def for_recipe(cls, recipe: Recipe, runs_dir: str | os.PathLike = "runs") -> "RunDir":
-        return cls(Path(runs_dir) / recipe.name)
+        return cls(Path(runs_dir) / recipe.name, extended_vocab=recipe.vocab is not None)
 
     recipe = property(lambda self: self.root / "recipe.yaml")
     base = property(lambda self: self.root / "base")
@@ -36,15 +38,20 @@ class RunDir:
     packed = property(lambda self: self.root / "packed")
     checkpoints = property(lambda self: self.root / "checkpoints")
     model = property(lambda self: self.root / "model")
+    adapter = property(lambda self: self.root / "adapter")
+    merged = property(lambda self: self.root / "merged")
     metrics = property(lambda self: self.root / "metrics.jsonl")
     report = property(lambda self: self.root / "report.html")
     timings = property(lambda self: self.root / "timings.json")
 
     @property
     def start_model(self) -> Path:
-        """The model training starts from: the vocabulary-extended base when that stage ran, else the base."""
+        """The model training starts from: the vocabulary-extended base when the recipe extends the vocabulary
+        (a leftover of an earlier recipe that did is ignored), else the base."""
         extended = self.vocab / "model"
-        return extended if (extended / "config.json").is_file() else self.base
+        if self.extended_vocab is None:
+            return extended if (extended / "config.json").is_file() else self.base
+        return extended if self.extended_vocab else self.base
 
     def write_recipe(self, recipe: Recipe) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -60,6 +67,14 @@ class RunDir:
             return []
         with open(self.metrics, encoding="utf-8") as f:
             return [json.loads(line) for line in f if line.strip()]
+
+    def write_metrics(self, records: list[dict[str, Any]]) -> None:
+        write_text_atomic(self.metrics, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+    @property
+    def final_model(self) -> Path:
+        """The model the run hands over: the merged one when the merge stage ran, else the trained one."""
+        return self.merged if (self.merged / "config.json").is_file() else self.model
 
 
 @contextlib.contextmanager

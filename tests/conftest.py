@@ -3,10 +3,18 @@ models built from a config, so that unit tests take milliseconds."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
-import pytest
+# Tiny models run faster on one thread, and subprocesses (kill-and-resume, DDP) inherit the setting, so that
+# every process of a test reduces in the same order.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data"

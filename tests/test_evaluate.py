@@ -9,7 +9,8 @@ import torch
 from conftest import DATA, run_graft
 from graftlm.errors import DataError
 from graftlm.evaluate.bpb import bits_per_byte, load_text_set, windows
-from graftlm.evaluate.choice import (choice_accuracy, encode_item, load_choice_set, wilson_interval, xcopa_context)
+from graftlm.evaluate.choice import (choice_accuracy, choice_span, encode_item, load_choice_set, wilson_interval,
+                                    xcopa_context)
 from graftlm.evaluate.config import EvalConfig
 from graftlm.evaluate.suite import Evaluator
 from graftlm.recipe import validate_recipe
@@ -118,8 +119,7 @@ def test_choice_accuracy_on_a_constructed_set(tmp_path, tiny):
 
     correct = correct_norm = 0
     for item, choices in zip(items, encoded):
-        scores = [sequence_log_prob(model, [tokenizer.bos_token_id, *c.context, *c.continuation],
-                                    1 + len(c.context)) for c in choices]
+        scores = [sequence_log_prob(model, [*c.context, *c.continuation], len(c.context)) for c in choices]
         per_byte = [s / len((" " + text).encode()) for s, text in zip(scores, item["choices"])]
         correct += scores.index(max(scores)) == item["label"]
         correct_norm += per_byte.index(max(per_byte)) == item["label"]
@@ -153,6 +153,11 @@ def test_xcopa_context_as_lm_evaluation_harness_builds_it(tiny):
     whole = tokenizer(first.context + " " + first.choices[0], add_special_tokens=False).input_ids
     assert choice.context + choice.continuation == whole
     assert choice.continuation_bytes == len(" nó dễ vỡ.".encode())
+    span = choice_span(tokenizer.bos_token_id, choice, 2048)  # no BOS first, as lm-evaluation-harness does it
+    assert span.ids == whole and span.first == len(choice.context)
+    keep = len(choice.continuation) + 2  # a context window shorter than the item: the context is cut
+    cut = choice_span(tokenizer.bos_token_id, choice, keep)
+    assert cut.ids == whole[-keep:] and cut.ids[cut.first:] == choice.continuation
 
 
 @pytest.mark.parametrize("line, message", [
@@ -231,7 +236,7 @@ def test_bpb_agrees_with_plain_transformers_on_the_real_model():
 
     model, tokenizer = load_model("smollm2-135m"), load_tokenizer("smollm2-135m")
     for lang in ("vie_Latn", "eng_Latn"):
-        text_set = load_text_set(str(DATA / f"eval/sib200/{lang}/test.tsv"), tokenizer, max_documents=16)
+        text_set = load_text_set(str(DATA / f"eval/sib200/{lang}/test.tsv"), tokenizer, max_documents=10)
         ours = bits_per_byte(model, text_set, tokenizer.bos_token_id, tokenizer.pad_token_id, 2048, batch_size=8)
         nats = 0.0
         for doc in text_set.documents:
@@ -241,3 +246,12 @@ def test_bpb_agrees_with_plain_transformers_on_the_real_model():
             nats -= log_probs.gather(-1, ids[0, 1:, None]).sum().item()
         direct = nats / math.log(2) / sum(text_set.bytes)
         assert ours["bpb"] == pytest.approx(direct, rel=0.005)
+
+
+def test_batches_group_similar_lengths_within_the_limits():
+    from graftlm.evaluate.scoring import Span, _batches
+
+    spans = [Span([0] * n, 1) for n in (50, 100, 10, 95, 49, 48, 47)]
+    order = sorted(range(len(spans)), key=lambda i: len(spans[i].ids), reverse=True)
+    lengths = [[len(spans[i].ids) for i in batch] for batch in _batches(order, spans, batch_size=2)]
+    assert lengths == [[100, 95], [50, 49], [48, 47], [10]]

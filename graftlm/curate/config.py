@@ -184,8 +184,8 @@ class CurateConfig(Section):
         import datatrove.executor as executors
 
         executor_class = getattr(executors, EXECUTOR_CLASSES[executor])
-        settings = {name: parameter for name, parameter in inspect.signature(executor_class.__init__).parameters.items()
-                    if name not in SET_BY_GRAFTLM + ("self",)}
+        parameters = inspect.signature(executor_class.__init__).parameters
+        settings = {name: p for name, p in parameters.items() if name not in SET_BY_GRAFTLM + ("self",)}
         for key in options:
             if key in SET_BY_GRAFTLM:
                 raise ValueError(f"'{key}' is set by graftlm (see curate.workers and curate.tasks)")

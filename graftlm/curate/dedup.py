@@ -18,6 +18,7 @@ from datatrove.utils.hashing import HashConfig
 from datatrove.utils.word_tokenizers import WordTokenizer
 
 from graftlm.curate.config import MinhashSettings
+from graftlm.curate.filters import word_splitter
 
 
 def minhash_config(settings: MinhashSettings) -> MinhashConfig:
@@ -41,7 +42,7 @@ class WhitespaceWords(WordTokenizer):
 
 
 def signature_stage(folder: str, settings: MinhashSettings, lang: str) -> MinhashDedupSignature:
-    words = WhitespaceWords() if settings.words == "whitespace" else lang
+    words = WhitespaceWords() if settings.words == "whitespace" else word_splitter(lang)
     return MinhashDedupSignature(output_folder=f"{folder}/signatures", config=minhash_config(settings),
                                  language=words)
 

@@ -35,13 +35,21 @@ class Stage:
     """The bytes the stage will see, asked when it starts (after the stages before it have run)."""
 
 
+FORKSERVER_PRELOAD = ["__main__", "graftlm.curate.stage", "spacy", "pyvi.ViTokenizer"]
+"""Imported once by the server that forks the worker processes of every stage: spaCy (behind datatrove's word
+tokenizers) and pyvi (Vietnamese) take seconds to import, a worker's whole share of a small corpus."""
+
+
 class QuietLocalExecutor(LocalPipelineExecutor):
     """datatrove's LocalPipelineExecutor, with each task's log written to its log file only. datatrove also prints
     every task's log and stats table on the terminal, which would bury graftlm's progress bars."""
 
     def run(self):
+        import multiprocess
         from datatrove.utils.logging import logger, setup_default_logger
 
+        if self.start_method == "forkserver":
+            multiprocess.set_forkserver_preload(FORKSERVER_PRELOAD)  # no effect once the server runs
         logger.remove()
         try:
             return super().run()
@@ -49,8 +57,14 @@ class QuietLocalExecutor(LocalPipelineExecutor):
             setup_default_logger()
 
     def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
+        from datatrove.utils.logging import logger
+
+        # datatrove adds a terminal sink (sys.stderr, read when the task starts) beside the task's log file
         with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
-            return super()._run_for_rank(rank, local_rank, node_rank)
+            try:
+                return super()._run_for_rank(rank, local_rank, node_rank)
+            finally:
+                logger.remove()  # the sinks datatrove left on the closed devnull
 
 
 def make_executor(config: CurateConfig, stage: Stage, job_name: str, depends=None):
@@ -62,9 +76,8 @@ def make_executor(config: CurateConfig, stage: Stage, job_name: str, depends=Non
         from datatrove.executor import SlurmPipelineExecutor
 
         return SlurmPipelineExecutor(**common, job_name=f"{job_name}-{stage.name}", depends=depends)
-    from datatrove.executor import RayPipelineExecutor
-
     import ray
+    from datatrove.executor import RayPipelineExecutor
 
     if not ray.is_initialized():
         ray.init()  # a local Ray, or the cluster that RAY_ADDRESS names
@@ -95,11 +108,8 @@ def run_stages(config: CurateConfig, stages: list[Stage], job_name: str, label: 
 
 
 @contextlib.contextmanager
-def _polled(progress, task, folder: Path | None):
+def _polled(progress, task, folder: Path):
     """Moves the bar with the bytes the stage's tasks report, while the executor runs in this thread."""
-    if folder is None:
-        yield
-        return
     stop = threading.Event()
 
     def poll() -> None:

@@ -82,6 +82,12 @@ def make_identifier(config: LanguageIdConfig):
     return FastTextIdentifier(config.model)
 
 
+def threshold_for(config: LanguageIdConfig, lang: str) -> float:
+    """The minimum confidence for documents of `lang`: the recipe's for that language, else the default."""
+    thresholds = {normalize_language(code): value for code, value in config.thresholds.items()}
+    return thresholds.get(normalize_language(lang), config.default_threshold)
+
+
 class LanguageIdFilter(BaseFilter):
     """Keeps a document when its most likely language is `target` with at least the target's threshold.
 
@@ -96,8 +102,7 @@ class LanguageIdFilter(BaseFilter):
         super().__init__(exclusion_writer)
         self.target = normalize_language(target)
         self.config = config
-        thresholds = {normalize_language(lang): value for lang, value in config.thresholds.items()}
-        self.threshold = thresholds.get(self.target, config.default_threshold)
+        self.threshold = threshold_for(config, self.target)
         self._identify = None  # loaded in the worker process, on first use
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:

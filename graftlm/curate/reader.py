@@ -37,7 +37,8 @@ class SourceReader(PipelineStep):
         stats = ReadStats()
         for index, record in enumerate(read_records(source, self.source_name, stats)):
             if by_file or index % world_size == rank:
-                yield Document(text=record.text, id=f"{record.path}:{record.line}", metadata={"source": self.source_name})
+                yield Document(text=record.text, id=f"{record.path}:{record.line}",
+                               metadata={"source": self.source_name})
         if by_file or rank == 0:  # when every task reads everything, one of them reports what was skipped
             self.stat_update("empty", value=stats.empty)
             for reason, count in stats.skipped.items():

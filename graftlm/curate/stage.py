@@ -15,6 +15,7 @@ same documents come out either way.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -27,7 +28,7 @@ from graftlm.curate.dedup import (ClusterSizeDedupFilter, buckets_stage, cluster
                                   signature_stage)
 from graftlm.curate.executors import Stage, run_stages
 from graftlm.curate.filters import FILTER_CLASSES, filter_settings, quality_filters
-from graftlm.curate.langid import LanguageIdFilter, normalize_language
+from graftlm.curate.langid import LanguageIdFilter, normalize_language, threshold_for
 from graftlm.curate.reader import IntermediateReader, SourceReader
 from graftlm.curate.rehydrate import Rehydrate
 from graftlm.curate.stats import Meter, build_stats, progress_bytes
@@ -75,8 +76,8 @@ def curate_source(run_name: str, name: str, source: SourceConfig, config: Curate
     header = {"source": name, "lang": lang, "fingerprint": key, "files": [file_signature(f) for f in files],
               "executor": config.executor, "tasks": tasks, "settings": _settings(config, lang)}
     stages = plan_stages(name, source, lang, config, work, tasks, files)
-    stages.append(Stage("finalize", [Finalize(header, work, final, curated / "excluded" / name,
-                                              {s.name: str(s.logging_dir) for s in stages})], 1, work / "logs/finalize"))
+    finalize = Finalize(header, work, final, curated / "excluded" / name, {s.name: str(s.logging_dir) for s in stages})
+    stages.append(Stage("finalize", [finalize], 1, work / "logs/finalize"))
     run_stages(config, stages, job_name=f"graft-{run_name}-{name}", label=name)
     if config.executor == "slurm":
         write_json_atomic(work / "submitted.json", {"stages": [s.name for s in stages]})
@@ -84,6 +85,8 @@ def curate_source(run_name: str, name: str, source: SourceConfig, config: Curate
                          f"run the same command again when the jobs are done")
     stats = read_json(final / "stats.json")
     shutil.rmtree(work, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        work.parent.rmdir()  # .work/, once no source is left in it
     _log_summary(name, stats)
     return _kept_something(name, stats, final)
 
@@ -185,7 +188,7 @@ def _settings(config: CurateConfig, lang: str) -> dict:
     lid = config.language_id
     return {
         "language_id": lid.enabled and {"backend": lid.backend, "model": lid.model, "max_chars": lid.max_chars,
-                                        "threshold": LanguageIdFilter(lang, lid).threshold},
+                                        "threshold": threshold_for(lid, lang)},
         "filters": {name: filter_settings(config.filters, lang, name) for name in FILTER_CLASSES
                     if getattr(config.filters, name).enabled},
         "minhash": config.minhash.enabled and config.minhash.model_dump(exclude={"enabled"}),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
-from datatrove.utils.stats import PipelineStats, Stats
+from datatrove.utils.stats import MetricStats, MetricStatsDict, PipelineStats, Stats
 
 from graftlm.curate.langid import LanguageIdFilter
 from graftlm.curate.reader import SourceReader
@@ -75,12 +75,15 @@ def progress_bytes(folder: str | Path) -> int:
 # ---- reading the counters back -------------------------------------------------------------------------------
 
 
-def merged_stats(logging_dir: str | Path) -> PipelineStats:
-    """The counters of every finished task of one executor, added up."""
+def merged_stats(logging_dir: str | Path) -> list[Stats]:
+    """The counters of every finished task of one executor, added up: a block of counters per pipeline step."""
     total = PipelineStats()
     for path in sorted(Path(logging_dir, "stats").glob("*.json")):
         total += PipelineStats.from_json(json.loads(path.read_text()))
-    return total
+    for block in total.stats:  # counters read back from JSON stay plain numbers until added to another task's
+        block.stats = MetricStatsDict(init={key: value if isinstance(value, MetricStats) else
+                                            MetricStats.from_dict(value) for key, value in block.stats.items()})
+    return total.stats
 
 
 def wall_seconds(logging_dir: str | Path) -> tuple[float, float] | None:
@@ -133,7 +136,7 @@ def step_table(stats: list[Stats]) -> list[dict]:
 
 def build_stats(stage_logs: dict[str, str], header: dict) -> dict:
     """stats.json: `header` (source, fingerprint, settings...) and what the stages counted."""
-    blocks = [block for logs in stage_logs.values() for block in merged_stats(logs).stats]
+    blocks = [block for logs in stage_logs.values() for block in merged_stats(logs)]
     steps = step_table(blocks)
     reader = _block(blocks, SourceReader)
     languages = {lang: {"documents": count, "bytes": _with_prefix(_block(blocks, LanguageIdFilter),

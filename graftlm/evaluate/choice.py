@@ -8,6 +8,7 @@ favour short answers). Formats (.jsonl):
   lowercased first letter>", the connective ("because"/"therefore", "bởi vì"/"vì vậy", ...) in the set's language.
 - generic: `{context, choices: [..], label}`, each choice scored as " <choice>" after the context (Belebele-style
   sets converted to this drop in).
+Unlike a bits-per-byte document, a choice sequence starts with its context, not a BOS token (see `choice_span`).
 """
 
 from __future__ import annotations
@@ -165,8 +166,14 @@ def encode_item(item: ChoiceItem, tokenizer: "PreTrainedTokenizerBase") -> list[
 
 
 def choice_span(start_id: int, choice: EncodedChoice, max_length: int) -> Span:
-    """The start token, the context and the continuation, cut from the left to fit the context length."""
-    ids = [start_id, *choice.context, *choice.continuation][-max_length:]
+    """The context and the continuation, cut from the left to fit the context length.
+
+    As in lm-evaluation-harness, no start token goes first (the start token only stands in for an empty context):
+    the context is conditioning, never scored. This is what reproduces lm-evaluation-harness's 0.486 on XCOPA-vi
+    for SmolLM2-135M-Instruct; starting from its BOS, <|im_start|>, gives 0.518.
+    """
+    ids = ([*choice.context, *choice.continuation] if choice.context else [start_id, *choice.continuation])
+    ids = ids[-max_length:]
     return Span(ids, max(1, len(ids) - len(choice.continuation)))
 
 

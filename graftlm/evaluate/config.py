@@ -34,9 +34,9 @@ class EvalConfig(Section):
     """Multiple-choice sets by name (`xcopa_vi: {path: eval/xcopa/vi/test.vi.jsonl, lang: vi}`), scored by accuracy."""
     every: int | None = Field(default=None, ge=1)
     """Optimizer steps between evaluations during training (besides before step 0 and at the end); null: only those."""
-    max_documents: int | None = Field(default=200, ge=1)
+    max_documents: int | None = Field(default=100, ge=1)
     """During training, score only the first this many documents of each text set (null: all)."""
-    max_items: int | None = Field(default=200, ge=1)
+    max_items: int | None = Field(default=100, ge=1)
     """During training, score only the first this many items of each choice set (null: all)."""
     batch_size: int = Field(default=16, ge=1)
     """Sequences per forward pass."""

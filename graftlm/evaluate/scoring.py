@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 DTYPES = ("float32", "bfloat16")
 BATCH_TOKENS = 4096
 """Most tokens in one forward pass: the float32 logits of 4096 tokens over a 49k vocabulary are 0.8 GB."""
+MIN_FILL = 0.9
+"""A batch only holds spans at least this fraction as long as its longest one."""
 MAX_LENGTH_CAP = 2048
 """Default context when none is given: the model's own, but no longer than this (long contexts are slow on CPU)."""
 
@@ -33,7 +35,7 @@ class Span:
 
 
 def start_token_id(tokenizer: "PreTrainedTokenizerBase") -> int:
-    """The token every sequence starts from: BOS, or EOS where the tokenizer has no BOS."""
+    """The token every scored document starts from: BOS, or EOS where the tokenizer has no BOS."""
     for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):
         if token_id is not None:
             return token_id
@@ -82,13 +84,18 @@ def log_likelihoods(model: "PreTrainedModel", spans: Sequence[Span], pad_id: int
 
 
 def _batches(order: list[int], spans: Sequence[Span], batch_size: int) -> Iterator[list[int]]:
-    """Consecutive spans (longest first), at most `batch_size` of them and at most BATCH_TOKENS padded tokens."""
+    """Consecutive spans (longest first): at most `batch_size` of them, BATCH_TOKENS padded tokens, and none
+    shorter than MIN_FILL of the batch's longest. On a CPU a bigger batch is barely faster per token, so padding
+    is pure loss: without the MIN_FILL rule a 40-sentence subset spends a quarter of its time on it."""
     at = 0
     while at < len(order):
         width = len(spans[order[at]].ids)
         count = max(1, min(batch_size, BATCH_TOKENS // max(width, 1)))
-        yield order[at:at + count]
-        at += count
+        end = at + 1
+        while end < min(at + count, len(order)) and len(spans[order[end]].ids) >= MIN_FILL * width:
+            end += 1
+        yield order[at:end]
+        at = end
 
 
 def _score_batch(model: "PreTrainedModel", batch: list[Span], pad_id: int, device: "torch.device") -> list[float]:

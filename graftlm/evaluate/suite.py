@@ -12,8 +12,9 @@ printed by `graft eval --json` and those written during training come from one c
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from graftlm.evaluate.bpb import TextSet, bits_per_byte, load_text_set
 from graftlm.evaluate.choice import ChoiceSet, EncodedChoice, choice_accuracy, encode_item, load_choice_set
@@ -21,8 +22,8 @@ from graftlm.evaluate.config import EvalConfig
 from graftlm.evaluate.scoring import context_length, pad_token_id, start_token_id
 
 if TYPE_CHECKING:
-    from rich.progress import Progress
     from rich.console import Group
+    from rich.progress import Progress
     from rich.table import Table
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -62,26 +63,29 @@ class Evaluator:
         results: dict = {"text": {}, "choice": {}}
         for name, text_set in self.text.items():
             subset = text_set.head(None if full else config.max_documents)
-            results["text"][name] = bits_per_byte(model, subset, **settings,
-                                                  on_batch=_progress_task(progress, f"bpb {name}"))
+            with _bar(progress, f"bpb {name}") as on_batch:
+                results["text"][name] = bits_per_byte(model, subset, **settings, on_batch=on_batch)
         for name, encoded_set in self.choice.items():
             count = len(encoded_set.encoded) if full or config.max_items is None else config.max_items
-            items = encoded_set.choice_set.items[:count]
-            results["choice"][name] = choice_accuracy(model, encoded_set.encoded[:count],
-                                                      [item.label for item in items], **settings,
-                                                      on_batch=_progress_task(progress, f"choice {name}"))
+            labels = [item.label for item in encoded_set.choice_set.items[:count]]
+            with _bar(progress, f"choice {name}") as on_batch:
+                results["choice"][name] = choice_accuracy(model, encoded_set.encoded[:count], labels, **settings,
+                                                          on_batch=on_batch)
         return results
 
 
-def _progress_task(progress: "Progress | None", description: str):
+@contextlib.contextmanager
+def _bar(progress: "Progress | None", description: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar for one set while it is scored (removed after, so that evaluations during training do not
+    pile up bars); None without a Progress."""
     if progress is None:
-        return None
+        yield None
+        return
     task = progress.add_task(description, total=None, status="")
-
-    def update(done: int, total: int) -> None:
-        progress.update(task, completed=done, total=total)
-
-    return update
+    try:
+        yield lambda done, total: progress.update(task, completed=done, total=total)
+    finally:
+        progress.remove_task(task)
 
 
 def evaluate_model(model_spec: str, config: EvalConfig, show_progress: bool = True) -> dict:

@@ -60,8 +60,8 @@ def build_report(recipe: Recipe, run: RunDir) -> Verdict | None:
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>graftlm · {_e(recipe.name)}</title>"
             f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>")
     write_text_atomic(run.report, page)
-    if (run.model / "config.json").is_file():
-        write_text_atomic(run.model / "README.md", model_card(recipe, verdict, training))
+    if (run.final_model / "config.json").is_file():
+        write_text_atomic(run.final_model / "README.md", model_card(recipe, verdict, training))
     return verdict
 
 

@@ -49,10 +49,16 @@ def eval_curves(metrics: list[dict], kind: str, target: str, langs: dict[str, st
     fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.2), squeeze=False)
     key = "bpb" if kind == "text" else "accuracy"
     for ax, name in zip(axes[0], names):
-        points = [(r["tokens"], r["eval"][kind][name][key]) for r in records if name in r["eval"][kind]]
+        # the curve follows the training's weights; an exported model (EMA, merged) is a point of its own
+        points = [(r["tokens"], r["eval"][kind][name][key]) for r in records
+                  if name in r["eval"][kind] and "model" not in r]
         color = TARGET_COLOR if langs.get(name, name) == target else SOURCE_COLOR
         ax.plot([t for t, _ in points], [v for _, v in points], marker="o", markersize=3, color=color)
         ax.axhline(points[0][1], color="#777", linestyle=":", linewidth=1, label="base")
+        for r in records:
+            if "model" in r and name in r["eval"][kind]:
+                ax.plot(r["tokens"], r["eval"][kind][name][key], marker="*", markersize=10, linestyle="none",
+                        color="#e0a800" if r["model"] == "merged" else "#6c4", label=r["model"])
         ax.set_title(name if len(name) < 40 else "…" + name[-38:], fontsize=9)
         ax.set_xlabel("tokens")
         ax.set_ylabel("bits per byte" if kind == "text" else "accuracy")
@@ -75,4 +81,52 @@ def tokens_by_source(metrics: list[dict]) -> bytes | None:
     ax.set_ylabel("tokens per source")
     ax.legend(loc="upper left", fontsize=8)
     ax.set_title("Tokens seen per source")
+    return _png(fig)
+
+
+def compare_curves(runs: dict[str, list[dict]], kind: str = "text") -> bytes | None:
+    """`graft compare`: one panel per evaluation set, one curve per variant (bits per byte or accuracy over
+    training tokens), each variant's exported model (EMA, merged) as a star at its end."""
+    key = "bpb" if kind == "text" else "accuracy"
+    names = list(dict.fromkeys(name for metrics in runs.values() for r in eval_records(metrics)
+                               for name in r["eval"][kind]))
+    if not names:
+        return None
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, name in zip(axes[0], names):
+        for i, (variant, metrics) in enumerate(runs.items()):
+            records = [r for r in eval_records(metrics) if name in r["eval"][kind]]
+            curve = [(r["tokens"], r["eval"][kind][name][key]) for r in records if "model" not in r]
+            color = colors[i % len(colors)]
+            ax.plot([t for t, _ in curve], [v for _, v in curve], marker="o", markersize=3, color=color,
+                    label=variant)
+            for r in records:
+                if "model" in r:
+                    ax.plot(r["tokens"], r["eval"][kind][name][key], marker="*", markersize=10, color=color)
+        ax.set_title(name if len(name) < 40 else "…" + name[-38:], fontsize=9)
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("bits per byte" if kind == "text" else "accuracy")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Bits per byte by variant (lower is better; ★ the exported model)" if kind == "text"
+                 else "Multiple-choice accuracy by variant", fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def pareto_scatter(points: dict[str, tuple[float, float]], front: set[str]) -> bytes | None:
+    """Target-language change in bpb (down is better) against source-language change (left is better)."""
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    for name, (source, target) in points.items():
+        on_front = name in front
+        ax.plot(source, target, marker="o", markersize=7 if on_front else 5, linestyle="none",
+                color=TARGET_COLOR if on_front else "#999")
+        ax.annotate(name, (source, target), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.axvline(0, color="#777", linestyle=":", linewidth=1)
+    ax.axhline(0, color="#777", linestyle=":", linewidth=1)
+    ax.set_xlabel("source-language Δ bits per byte (loss →)")
+    ax.set_ylabel("target-language Δ bits per byte (↓ gain)")
+    ax.set_title("Gain against loss (red: the Pareto front)", fontsize=10)
     return _png(fig)

@@ -3,19 +3,114 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from graftlm.config import Section
 from graftlm.train.schedule import ScheduleConfig
+
+Embeddings = Literal["none", "new_rows", "all"]
+
+
+class LoraSettings(Section):
+    """Low-rank adapters (peft) on the linear layers; the base weights stay frozen."""
+
+    r: int = Field(default=16, ge=1)
+    alpha: float = Field(default=32.0, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names (`q_proj`, `v_proj`, ...) or `all-linear` (every linear layer but the output head)."""
+    embeddings: Embeddings = "none"
+    """Also train the input embeddings and output head: `all` (peft `modules_to_save`: trainable copies, saved in
+    full), `new_rows` (peft `trainable_token_indices`: only the rows a vocabulary extension added, saved alone as
+    those rows), `none`."""
+
+
+class LayraSettings(Section):
+    """Layer-Selective LoRA: adapters (with `train.lora`'s settings) only on the first and last blocks."""
+
+    first: int = Field(default=2, ge=0)
+    last: int = Field(default=2, ge=0)
+
+    @model_validator(mode="after")
+    def _some_blocks(self) -> "LayraSettings":
+        if self.first + self.last == 0:
+            raise ValueError("first + last must be at least 1")
+        return self
+
+
+class FreezeSettings(Section):
+    """`method: freeze` trains only the parameters chosen here (the union of the three); the rest stays frozen."""
+
+    layers: list[int | str] = []
+    """Transformer blocks to train: indices (negative ones count from the end: -1 is the last) or ranges "2-5"."""
+    patterns: list[str] = []
+    """Regular expressions searched in parameter names (`mlp`, `layers\\.1[0-3]\\.self_attn`, `norm`)."""
+    embeddings: Embeddings = "none"
+
+    @field_validator("layers")
+    @classmethod
+    def _ranges(cls, layers: list[int | str]) -> list[int | str]:
+        for item in layers:
+            if isinstance(item, str) and not re.fullmatch(r"\d+-\d+", item.strip()):
+                raise ValueError(f"expected an index or a range like '2-5', got {item!r}")
+        return layers
+
+    @field_validator("patterns")
+    @classmethod
+    def _compiles(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"{pattern!r} is not a regular expression: {e}") from None
+        return patterns
+
+
+class DistillConfig(Section):
+    """A KL term toward the frozen start model (the teacher, in bf16) on replay sequences."""
+
+    weight: float = Field(default=1.0, ge=0)
+    """The term is `weight · T² · KL(teacher ‖ student)` per token of a replay sequence, added to the loss."""
+    temperature: float = Field(default=1.0, gt=0)
+    sources: list[str] | None = None
+    """The sources whose sequences are distilled; default: those whose `lang` is not the target language."""
+    logit_swap: bool = False
+    """Mix-CPT's logit-swap self-distillation: where the teacher's top token is not the actual next token, swap
+    their logits, so the teacher keeps its distribution but is never wrong about the text."""
+
+
+class EmaConfig(Section):
+    """An exponential moving average of the trained weights, updated after every optimizer step."""
+
+    decay: float = Field(default=0.999, gt=0, lt=1)
+    """It starts at the start model: with `decay` d, weights from the last ~1/(1-d) steps dominate."""
+    export: bool = True
+    """Export (and evaluate last) the averaged weights instead of the last ones."""
+
+
+class StageConfig(Section):
+    """One phase of training: what it trains, for how long, at which learning rate."""
+
+    train: Literal["embeddings", "new_rows", "all"] = "all"
+    """`embeddings`: the input embeddings and the output head; `new_rows`: only their rows a vocabulary extension
+    added (the base rows stay bit-identical); `all`: what `train.method` trains."""
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
+    """The phase's length (every phase but the last; the last runs to the end of train.max_tokens/max_steps)."""
+    lr: float | None = Field(default=None, gt=0)
+    """The phase's peak lr (default: train.lr); each phase has a fresh optimizer and its own schedule."""
+    schedule: ScheduleConfig | None = None
+    """Default: train.schedule, over the phase's own steps."""
 
 
 class TrainConfig(Section):
     seq_len: int = Field(default=512, ge=8)
     batch_tokens: int = Field(default=8192, ge=8)
     """Tokens per optimizer step: `batch_tokens / seq_len` sequences, in micro-batches (gradient accumulation)."""
-    micro_batch_size: int = Field(default=4, ge=1)
+    micro_batch_size: int = Field(default=2, ge=1)
     """Sequences per forward pass; lower it to save memory, the result does not change."""
     max_tokens: int | None = Field(default=300_000, ge=1)
     """Training length in tokens (rounded up to whole steps); `max_steps` wins when both are set."""
@@ -42,6 +137,18 @@ class TrainConfig(Section):
     """A NaN or inf loss skips its update; this many in a row stop the run."""
     deterministic: bool = True
     """Deterministic kernels, so that a resumed run repeats an uninterrupted one bit for bit (on CPU)."""
+    method: Literal["full", "lora", "layra", "freeze"] = "full"
+    """What learns: every weight (`full`), low-rank adapters on every block (`lora`) or on the first and last
+    blocks only (`layra`), or the parameters `train.freeze` chooses (`freeze`)."""
+    lora: LoraSettings = LoraSettings()
+    layra: LayraSettings = LayraSettings()
+    freeze: FreezeSettings = FreezeSettings()
+    distill: DistillConfig | None = None
+    """Distillation toward the start model on replay sequences; absent (null): none."""
+    ema: EmaConfig | None = None
+    """An exponential moving average of the weights; absent (null): none."""
+    stages: list[StageConfig] = []
+    """Phases trained one after the other (embeddings first, then everything); empty: one phase, `all`."""
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
@@ -49,6 +156,20 @@ class TrainConfig(Section):
             raise ValueError(f"batch_tokens ({self.batch_tokens}) must be a multiple of seq_len ({self.seq_len})")
         if self.max_tokens is None and self.max_steps is None:
             raise ValueError("set max_tokens or max_steps")
+        if self.method == "freeze" and not (self.freeze.layers or self.freeze.patterns
+                                            or self.freeze.embeddings != "none"):
+            raise ValueError("method freeze: choose what trains with freeze.layers, freeze.patterns or "
+                             "freeze.embeddings")
+        for i, stage in enumerate(self.stages):
+            last = i == len(self.stages) - 1
+            if last and (stage.max_tokens or stage.max_steps):
+                raise ValueError(f"stages.{i}: the last stage runs to the end of train.max_tokens/max_steps; "
+                                 "leave its max_tokens and max_steps out")
+            if not last and not (stage.max_tokens or stage.max_steps):
+                raise ValueError(f"stages.{i}: set max_tokens or max_steps (only the last stage runs to the end)")
+        if self.stages and self.stage_steps()[-1] < 1:
+            raise ValueError(f"stages: the stages before the last take {sum(self.stage_steps()[:-1])} steps, "
+                             f"the whole training {self.total_steps}: nothing is left for the last")
         return self
 
     @property
@@ -60,3 +181,8 @@ class TrainConfig(Section):
         if self.max_steps is not None:
             return self.max_steps
         return math.ceil(self.max_tokens / self.batch_tokens)
+
+    def stage_steps(self) -> list[int]:
+        """Optimizer steps of each stage (one stage of every step when `stages` is empty)."""
+        steps = [s.max_steps or math.ceil(s.max_tokens / self.batch_tokens) for s in self.stages[:-1]]
+        return steps + [self.total_steps - sum(steps)]

@@ -4,9 +4,14 @@ SmolLM2's output layer has 49k rows: for a micro-batch of 2k tokens its fp32 log
 standard path keeps them (and their softmax) alive until the backward pass. The chunked loss computes, for a chunk
 of tokens at a time, the logits, the cross-entropy and at once its gradients with respect to the hidden states and
 the output weight; the backward pass only scales them. Peak memory for the head drops to one chunk's logits.
+
+An extra per-token term on the same logits (distillation, graftlm/train/distill.py) rides along chunk by chunk, so
+it costs no second pass through the output layer.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -15,17 +20,29 @@ from torch import nn
 IGNORE = -100
 
 
+class ChunkTerm(Protocol):
+    """A term added to the cross-entropy of some tokens, computed from the student's fp32 logits of a chunk."""
+
+    total: torch.Tensor
+    """The term summed over every token so far (divided by the valid-token count with the cross-entropy)."""
+
+    def __call__(self, logits: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For the chunk whose first token is `start`: (row indices within the chunk, d term / d logits of those
+        rows), having added the rows' term to `total`; None when no row of the chunk has the term."""
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """mean over valid targets of cross_entropy(hidden @ weight.T, targets), computed `chunk` tokens at a time."""
+    """mean over valid targets of cross_entropy(hidden @ weight.T, targets) (+ `extra`'s term), computed `chunk`
+    tokens at a time."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
-                compute_dtype: torch.dtype) -> torch.Tensor:
+                compute_dtype: torch.dtype, extra: ChunkTerm | None = None) -> torch.Tensor:
         with torch.autocast(hidden.device.type, enabled=False):  # dtypes are chosen explicitly below
-            return ChunkedLinearCrossEntropy._forward(ctx, hidden, weight, targets, chunk, compute_dtype)
+            return ChunkedLinearCrossEntropy._forward(ctx, hidden, weight, targets, chunk, compute_dtype, extra)
 
     @staticmethod
-    def _forward(ctx, hidden, weight, targets, chunk, compute_dtype) -> torch.Tensor:
+    def _forward(ctx, hidden, weight, targets, chunk, compute_dtype, extra) -> torch.Tensor:
         valid_count = (targets != IGNORE).sum().clamp(min=1)
         w = weight.to(compute_dtype)
         grad_hidden = torch.empty_like(hidden)
@@ -37,42 +54,67 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             valid = t != IGNORE
             t_safe = t.clamp(min=0)
             logits = (h @ w.T).float()
+            extra_grad = extra(logits, start) if extra is not None else None  # before logits are overwritten
             lse = torch.logsumexp(logits, dim=-1)
             total += ((lse - logits.gather(1, t_safe[:, None]).squeeze(1)) * valid).sum()
             # d(mean loss)/d(logits) = (softmax - onehot) / valid_count, zero on ignored positions
             grad_logits = logits.sub_(lse[:, None]).exp_()
             grad_logits[torch.arange(len(t), device=t.device), t_safe] -= 1.0
+            if extra_grad is not None:
+                rows, grad = extra_grad
+                grad_logits[rows] += grad
             grad_logits.mul_((valid.to(torch.float32) / valid_count)[:, None])
             grad_logits = grad_logits.to(compute_dtype)
             grad_hidden[start:start + chunk] = (grad_logits @ w).to(hidden.dtype)
             grad_weight += (grad_logits.T @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
+        if extra is not None:
+            total = total + extra.total
         return total / valid_count
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_output, (grad_weight * grad_output), None, None, None
+        return grad_hidden * grad_output, (grad_weight * grad_output), None, None, None, None
 
 
 class CausalLMLoss(nn.Module):
     """Wraps a Hugging Face causal LM so that `forward(inputs, targets)` returns the mean next-token loss.
 
+    With a `distiller` (graftlm/train/distill.py), `forward(inputs, targets, replay=mask)` adds its KL term on the
+    sequences the boolean mask marks; the term's share of the returned loss is left in `self.distill_part`.
     The wrapper is what DDP (accelerate) wraps, so gradient synchronisation sees the whole computation."""
 
-    def __init__(self, model: nn.Module, chunked: bool = True, chunk_tokens: int = 1024):
+    def __init__(self, model: nn.Module, chunked: bool = True, chunk_tokens: int = 1024, distiller=None):
         super().__init__()
         self.model = model
         self.chunked = chunked
         self.chunk_tokens = chunk_tokens
+        self.distiller = distiller  # a plain object: the teacher's weights stay out of this module (and of DDP)
+        self.distill_part: torch.Tensor | None = None
 
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, replay: torch.Tensor | None = None) -> torch.Tensor:
+        self.distill_part = None
         head = self.model.get_output_embeddings()
-        if not self.chunked or head.bias is not None:
+        distill = self.distiller is not None and replay is not None and bool(replay.any())
+        teacher = self.distiller.teacher_hidden(inputs, replay) if distill else None
+        if not self.chunked or getattr(head, "bias", None) is not None:
             logits = self.model(input_ids=inputs).logits
-            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+            if distill:
+                valid_count = (targets != IGNORE).sum().clamp(min=1)
+                term = self.distiller.direct_term(logits, teacher, targets, replay) / valid_count
+                self.distill_part = term.detach()
+                loss = loss + term
+            return loss
         hidden = self.model.get_decoder()(input_ids=inputs).last_hidden_state
         compute_dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(
             hidden.device.type) else hidden.dtype
-        return ChunkedLinearCrossEntropy.apply(hidden.flatten(0, 1), head.weight, targets.flatten(),
-                                               self.chunk_tokens, compute_dtype)
+        # peft's wrappers of a trainable head (trainable tokens, modules_to_save) answer `.weight` with the
+        # weight their forward uses
+        extra = self.distiller.chunk_term(teacher, targets, replay) if distill else None
+        loss = ChunkedLinearCrossEntropy.apply(hidden.flatten(0, 1), head.weight, targets.flatten(),
+                                               self.chunk_tokens, compute_dtype, extra)
+        if extra is not None:
+            self.distill_part = (extra.total / (targets != IGNORE).sum().clamp(min=1)).detach()
+        return loss

@@ -13,6 +13,9 @@
 3. Tokens made only of ASCII are left out by default, and so are digits, punctuation and whitespace: English, code
    and numbers keep the base's token ids (the base split digits on purpose), and English words the target text
    happens to share — names such as "Kissinger" in Vietnamese Wikipedia — do not get new, untrained tokens.
+4. Bytes the base's alphabet lacks (a GGUF conversion can drop some; the tokenizer then silently loses them) are
+   added first, as tokens of their own, so that decode(encode(text)) == text for any UTF-8 text. A
+   SentencePiece-style base likewise gains, as single-character tokens, the target's letters it only had as bytes.
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ def tokenizer_family(tokenizer_json: dict) -> str:
     """Which kind of BPE a tokenizer.json holds; other tokenizers (WordPiece, Unigram) are refused."""
     model = tokenizer_json.get("model") or {}
     if model.get("type") != "BPE":
-        raise GraftError(f"vocab: the base tokenizer is a {model.get('type', 'unknown')} model; vocabulary extension "
-                         f"supports {BYTE_LEVEL} (GPT-2, Llama-3, Qwen, SmolLM2) and {SENTENCEPIECE} (Llama-2, Mistral)")
+        raise GraftError(f"vocab: the base tokenizer is a {model.get('type', 'unknown')} model; vocabulary "
+                         f"extension supports {BYTE_LEVEL} (GPT-2, Llama-3, Qwen, SmolLM2) and {SENTENCEPIECE} "
+                         f"(Llama-2, Mistral)")
     if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
         raise GraftError("vocab: the base BPE tokenizer uses subword prefixes or suffixes, which is not supported")
     components = json.dumps([tokenizer_json.get("normalizer"), tokenizer_json.get("pre_tokenizer")])
@@ -197,6 +201,8 @@ class Extension:
     tokenizer_json: dict
     first_id: int
     tokens: list[str]
+    merges: list[tuple[str, str] | None]
+    """The merge that makes each new token; None for a byte or character the base lacked (reached without one)."""
     base_pieces: list[list[int]]
     """For each new token, the ids of the base tokens that the base tokenizer splits it into (for FVT)."""
     trained_candidates: int
@@ -217,6 +223,8 @@ def extend_tokenizer(base_json: dict, trained_json: dict, new_tokens: int, ascii
     def allowed(token: str) -> bool:
         return is_word_piece(token_bytes(token, family), ascii_tokens)
 
+    for byte_token in _missing_bytes(family, table)[:new_tokens]:
+        add(byte_token, None)
     trained_order = {a + b: rank for rank, (a, b) in enumerate(merge_pairs(trained_json["model"]["merges"]))}
     candidates = 0
     for token in trained_order:
@@ -235,7 +243,19 @@ def extend_tokenizer(base_json: dict, trained_json: dict, new_tokens: int, ascii
     merged["model"]["merges"] = [list(pair) for pair in table.merges]
     base_table = BpeTable.of(base_json)
     pieces = [base_table.ids(base_table.split(token)) for token, _ in added]
-    return Extension(family, merged, first_id, [token for token, _ in added], pieces, candidates)
+    return Extension(family, merged, first_id, [token for token, _ in added], [pair for _, pair in added], pieces,
+                     candidates)
+
+
+def _missing_bytes(family: str, table: BpeTable) -> list[str]:
+    """The byte tokens a byte-level or byte-fallback tokenizer should have and this one lacks."""
+    if family == BYTE_LEVEL:
+        wanted = sorted(BYTE_OF_CHAR, key=BYTE_OF_CHAR.get)
+    elif table.byte_fallback:
+        wanted = [f"<0x{byte:02X}>" for byte in range(256)]
+    else:
+        wanted = []
+    return [token for token in wanted if token not in table.vocab]
 
 
 def _make_reachable(token: str, table: BpeTable, add, allowed, trained_order: dict[str, int], family: str) -> bool:

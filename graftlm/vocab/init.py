@@ -119,12 +119,15 @@ def initialise_rows(model: "PreTrainedModel", rows: VocabRows, init: str, base_p
 
 
 def subword_mean(base: "torch.Tensor", pieces: Sequence[Sequence[int]]) -> "torch.Tensor":
-    """FVT: each new token's row is the mean of the rows of the base tokens the base tokenizer split it into."""
+    """FVT: each new token's row is the mean of the rows of the base tokens the base tokenizer split it into (the
+    mean of all rows for a token the base could not represent at all, such as a byte missing from its alphabet)."""
     import torch
 
     flat = torch.tensor([i for p in pieces for i in p], dtype=torch.long)
     offsets = torch.tensor([0, *np.cumsum([len(p) for p in pieces])[:-1]], dtype=torch.long)
-    return torch.nn.functional.embedding_bag(flat, base, offsets, mode="mean")
+    rows = torch.nn.functional.embedding_bag(flat, base, offsets, mode="mean")
+    rows[[i for i, p in enumerate(pieces) if not p]] = base.mean(0)
+    return rows
 
 
 # ---- `weighted`: FOCUS-like, with similarities learned from the target text ----------------------------------

@@ -73,7 +73,7 @@ def run_vocab(recipe: Recipe, run: RunDir) -> dict:
     from graftlm.models import load_model, save_model
 
     with atomic_dir(run.vocab) as tmp:
-        tokenizer = _write_tokenizer(run.base, extension, tmp / "model")
+        tokenizer = write_tokenizer(run.base, extension, tmp / "model")
         model = load_model(str(run.base), trust_remote_code=recipe.trust_remote_code)
         rows = grow_embeddings(model, extension.first_id, len(extension.tokens), config.pad_to_multiple_of,
                                config.init)
@@ -125,7 +125,7 @@ def _training_text(source: SourceConfig, name: str, limit: int, read: ReadStats,
         progress.update(task, completed=total)
 
 
-def _write_tokenizer(base_dir: Path, extension: Extension, folder: Path):
+def write_tokenizer(base_dir: Path, extension: Extension, folder: Path):
     """The merged tokenizer.json beside the base's tokenizer settings, loaded as transformers loads it."""
     from transformers import AutoTokenizer
 

@@ -1,0 +1,224 @@
+"""`graft compare RECIPE --vary KEY=V1,V2,...`: one recipe trained several ways on the same data and budget, and
+one report that sets them side by side.
+
+    runs/<name>/                       the recipe's own run directory: base/, curated/, vocab/, packed/ are shared
+    runs/<name>/compare/<variant>/     a complete run directory per variant (train, merge, report as usual)
+    runs/<name>/compare/report.html    every variant's bits-per-byte curves, and the Pareto table: target-language
+                                       gain against source-language loss
+    runs/<name>/compare/summary.json   the table's numbers
+
+Several `--vary` make a grid (every combination of their values); with `--zip` the i-th values of each go
+together (a list of variants; every --vary then needs as many values). Values are split at commas outside
+brackets, each read as YAML like `--set` (`--vary train.freeze.layers=[0,1],[-2,-1]`). A variant that changes a
+data key (base_model, sources, curate, vocab, pack) prepares its own data in its folder; the others link the
+recipe's prepared folders, so nothing is re-packed. Every variant trains for the recipe's budget; a variant already
+trained is skipped like any stage.
+"""
+
+from __future__ import annotations
+
+import html
+import itertools
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from graftlm.errors import RecipeError
+from graftlm.pipeline import PREPARE_STAGES, STAGES, run_stages
+from graftlm.progress import log
+from graftlm.recipe import Recipe, load_recipe
+from graftlm.report import plots
+from graftlm.report.page import STYLE, _img
+from graftlm.report.verdict import Verdict, compute_verdict
+from graftlm.runs import RunDir, read_json, write_json_atomic, write_text_atomic
+
+DATA_KEYS = ("base_model", "trust_remote_code", "sources", "curate", "vocab", "pack")
+"""Recipe keys whose change needs other prepared data."""
+SHARED_FOLDERS = ("base", "curated", "vocab", "packed")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    overrides: tuple[str, ...]
+
+    @property
+    def changes_data(self) -> bool:
+        keys = [o.partition("=")[0].strip() for o in self.overrides]
+        return any(key == k or key.startswith(k + ".") for key in keys for k in DATA_KEYS)
+
+
+def parse_vary(option: str) -> tuple[str, list[str]]:
+    """`train.method=full,lora` -> ("train.method", ["full", "lora"])."""
+    key, sep, raw = option.partition("=")
+    key = key.strip()
+    if not sep or not key or not raw.strip():
+        raise RecipeError(f"--vary {option}: expected key=value1,value2 (e.g. train.method=full,lora)")
+    values, depth, current = [], 0, ""
+    for char in raw:
+        if char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        if char == "," and depth == 0:
+            values.append(current.strip())
+            current = ""
+        else:
+            current += char
+    values.append(current.strip())
+    if any(not v for v in values):
+        raise RecipeError(f"--vary {option}: an empty value")
+    return key, values
+
+
+def make_variants(varies: list[str], zip_values: bool = False) -> list[Variant]:
+    if not varies:
+        raise RecipeError("compare: give at least one --vary key=value1,value2")
+    parsed = [parse_vary(v) for v in varies]
+    keys = [key for key, _ in parsed]
+    if len(set(keys)) != len(keys):
+        raise RecipeError(f"--vary: a key is given twice ({', '.join(keys)})")
+    if zip_values:
+        lengths = {len(values) for _, values in parsed}
+        if len(lengths) != 1:
+            raise RecipeError("--zip: every --vary needs as many values "
+                              f"({', '.join(f'{k}: {len(v)}' for k, v in parsed)})")
+        combinations = list(zip(*(values for _, values in parsed)))
+    else:
+        combinations = list(itertools.product(*(values for _, values in parsed)))
+    short = [key.rsplit(".", 1)[-1] for key in keys]
+    labels = short if len(set(short)) == len(short) else keys
+    variants = []
+    for values in combinations:
+        name = "_".join(f"{label}-{value}" for label, value in zip(labels, values))
+        name = re.sub(r"[^A-Za-z0-9._-]+", "", name.replace(",", "-").replace(" ", ""))
+        variants.append(Variant(name, tuple(f"{key}={value}" for key, value in zip(keys, values))))
+    if len({v.name for v in variants}) != len(variants):
+        raise RecipeError("--vary: two variants would get the same folder name; use simpler values")
+    return variants
+
+
+def run_compare(recipe_path: Path | None, overrides: list[str], varies: list[str], zip_values: bool = False,
+                runs_dir: str | os.PathLike = "runs") -> Path:
+    """Run every variant (the shared data first) and write compare/report.html; returns its path."""
+    recipe = load_recipe(recipe_path, overrides)
+    parent = RunDir.for_recipe(recipe, runs_dir)
+    variants = make_variants(varies, zip_values)
+    loaded = [(v, load_recipe(recipe_path, [*overrides, *v.overrides, f"name={recipe.name}-{v.name}"]))
+              for v in variants]  # every variant's recipe is checked before any work
+    if any(not v.changes_data for v in variants):
+        run_stages(recipe, parent, PREPARE_STAGES)
+    runs: dict[str, tuple[Variant, Recipe, RunDir]] = {}
+    for i, (variant, variant_recipe) in enumerate(loaded):
+        log(f"compare: variant {i + 1}/{len(variants)}: {variant.name} ({' '.join(variant.overrides)})")
+        run = RunDir(parent.root / "compare" / variant.name, extended_vocab=variant_recipe.vocab is not None)
+        if variant.changes_data:
+            run_stages(variant_recipe, run, tuple(STAGES))
+        else:
+            _link_prepared(parent, run)
+            run_stages(variant_recipe, run, tuple(s for s in STAGES if s not in PREPARE_STAGES))
+        runs[variant.name] = (variant, variant_recipe, run)
+    page = write_compare_report(parent, runs)
+    log(f"compare: {page}")
+    return page
+
+
+def _link_prepared(parent: RunDir, run: RunDir) -> None:
+    """The variant's base/, curated/, vocab/, packed/ are links to the recipe's own."""
+    run.root.mkdir(parents=True, exist_ok=True)
+    for name in SHARED_FOLDERS:
+        link, target = run.root / name, parent.root / name
+        if target.exists() and not link.exists():
+            link.symlink_to(os.path.relpath(target, run.root), target_is_directory=True)
+
+
+# ---- the report ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    variant: str
+    overrides: tuple[str, ...]
+    verdict: Verdict | None
+    training: dict
+
+    def mean_delta(self, role: str) -> float | None:
+        changes = self.verdict.of(role, "text") if self.verdict else []
+        return sum(c.delta for c in changes) / len(changes) if changes else None
+
+
+def pareto_front(points: dict[str, tuple[float, float]]) -> set[str]:
+    """The variants no other one beats on both counts: (source Δbpb, target Δbpb), lower is better for both."""
+    def dominated(a: tuple[float, float]) -> bool:
+        return any(b[0] <= a[0] and b[1] <= a[1] and b != a for b in points.values())
+
+    return {name for name, point in points.items() if not dominated(point)}
+
+
+def write_compare_report(parent: RunDir, runs: dict[str, tuple[Variant, Recipe, RunDir]]) -> Path:
+    rows = []
+    for name, (variant, recipe, run) in runs.items():
+        marker = run.model / "graft-train.json"
+        rows.append(Row(name, variant.overrides, compute_verdict(recipe, run.read_metrics()),
+                        read_json(marker) if marker.is_file() else {}))
+    points = {r.variant: (r.mean_delta("source"), r.mean_delta("target")) for r in rows
+              if r.mean_delta("source") is not None and r.mean_delta("target") is not None}
+    front = pareto_front(points)
+    sets = list(dict.fromkeys((c.role, c.kind, c.name) for r in rows if r.verdict for c in r.verdict.changes))
+    summary = {r.variant: {
+        "overrides": list(r.overrides), "run": str(runs[r.variant][2].root),
+        "target_delta_bpb": r.mean_delta("target"), "source_delta_bpb": r.mean_delta("source"),
+        "pareto": r.variant in front, "tokens": r.training.get("tokens"), "elapsed_s": r.training.get("elapsed_s"),
+        "trainable_parameters": r.training.get("trainable_parameters"),
+        "changes": {c.name: {"role": c.role, "kind": c.kind, "base": c.base, "final": c.final, "delta": c.delta}
+                    for c in (r.verdict.changes if r.verdict else [])}} for r in rows}
+    folder = parent.root / "compare"
+    write_json_atomic(folder / "summary.json", summary)
+
+    head = "".join(f"<th>{_e(role)} {_e(name)}<br>Δ {'bpb' if kind == 'text' else 'accuracy'}</th>"
+                   for role, kind, name in sets)
+    body = ""
+    for r in sorted(rows, key=lambda r: (r.variant not in front, r.mean_delta("target") or 0)):
+        by_set = {(c.role, c.kind, c.name): c for c in (r.verdict.changes if r.verdict else [])}
+        cells = "".join(_delta_cell(by_set.get(s)) for s in sets)
+        speed = (f"{r.training['tokens'] / r.training['elapsed_s']:,.0f}"
+                 if r.training.get("tokens") and r.training.get("elapsed_s") else "—")
+        trainable = r.training.get("trainable_parameters") or [{}]
+        body += (f"<tr><td class='name'>{_e(r.variant)}</td><td class='name'>{_e(' '.join(r.overrides))}</td>"
+                 f"{cells}<td>{_number(r.mean_delta('target'))}</td><td>{_number(r.mean_delta('source'))}</td>"
+                 f"<td>{'yes' if r.variant in front else ''}</td>"
+                 f"<td>{trainable[-1].get('parameters', 0):,}</td><td>{speed}</td></tr>")
+    table = ("<table><tr><th>variant</th><th>overrides</th>" + head + "<th>target Δbpb (mean)</th>"
+             "<th>source Δbpb (mean)</th><th>Pareto</th><th>trainable parameters</th><th>tokens/s</th></tr>"
+             + body + "</table>")
+    figures = [plots.pareto_scatter(points, front),
+               plots.compare_curves({n: run.read_metrics() for n, (_, _, run) in runs.items()}, "text"),
+               plots.compare_curves({n: run.read_metrics() for n, (_, _, run) in runs.items()}, "choice")]
+    links = "".join(f"<li><a href='{_e(name)}/report.html'>{_e(name)}</a></li>" for name in runs)
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>graftlm · compare {_e(parent.root.name)}"
+            f"</title><style>{STYLE}</style></head><body><h1>graftlm comparison: {_e(parent.root.name)}</h1>"
+            f"<p class='muted'>{len(runs)} variants of one recipe, the same data and budget · "
+            f"{_e(str(folder))}</p><h2>Gain against loss</h2>"
+            "<p class='summary'>Change in bits per byte from the start model to each variant's final model "
+            "(lower is better): the target language should fall, the source languages should not rise. A variant "
+            "is on the Pareto front when no other one both gains more and loses less.</p>"
+            f"{table}" + "".join(_img(f) for f in figures if f)
+            + f"<h2>Variants</h2><ul>{links}</ul></body></html>")
+    write_text_atomic(folder / "report.html", page)
+    return folder / "report.html"
+
+
+def _delta_cell(change) -> str:
+    if change is None:
+        return "<td>—</td>"
+    mark = "better" if change.better else ("worse" if change.delta else "")
+    return f"<td class='{mark}'>{change.delta:+.4f}</td>"
+
+
+def _number(value: float | None) -> str:
+    return "—" if value is None else f"{value:+.4f}"
+
+
+def _e(text) -> str:
+    return html.escape(str(text))
