@@ -28,50 +28,44 @@ def _load(recipe: Optional[Path], overrides: List[str]):
     return load_recipe(recipe, overrides)
 
 
+def _run_stages(recipe: Optional[Path], overrides: List[str], runs_dir: Path, stages: tuple[str, ...] | None = None,
+                section: str | None = None, hint: str = ""):
+    """Load the recipe and run `stages` (all by default) into its run directory; `section` must be in the recipe."""
+    from graftlm.pipeline import STAGES, run_stages
+    from graftlm.runs import RunDir
+
+    loaded = _load(recipe, overrides)
+    if section is not None and getattr(loaded, section) is None:
+        raise GraftError(f"{section}: the recipe has no {section} section (add one, or --set {hint})")
+    run_dir = RunDir.for_recipe(loaded, runs_dir)
+    run_stages(loaded, run_dir, stages or tuple(STAGES))
+    return run_dir
+
+
 @app.command()
 def run(recipe: Optional[Path] = RecipeArg, set_: List[str] = SetOpt, runs_dir: Path = RunsOpt) -> None:
     """Run every stage of a recipe in order into runs/<name>/, skipping stages already complete."""
-    from graftlm.pipeline import run_stages
-    from graftlm.runs import RunDir
-
-    loaded = _load(recipe, set_)
-    run_dir = RunDir.for_recipe(loaded, runs_dir)
-    run_stages(loaded, run_dir)
-    log(f"run: done -> {run_dir.root}")
+    log(f"run: done -> {_run_stages(recipe, set_, runs_dir).root}")
 
 
 @app.command()
 def prepare(recipe: Optional[Path] = RecipeArg, set_: List[str] = SetOpt, runs_dir: Path = RunsOpt) -> None:
-    """Export the base model and pack the training text: everything training needs."""
-    from graftlm.pipeline import PREPARE_STAGES, run_stages
-    from graftlm.runs import RunDir
+    """Export the base model, curate, extend the vocabulary, pack: everything training needs."""
+    from graftlm.pipeline import PREPARE_STAGES
 
-    loaded = _load(recipe, set_)
-    run_stages(loaded, RunDir.for_recipe(loaded, runs_dir), PREPARE_STAGES)
+    _run_stages(recipe, set_, runs_dir, PREPARE_STAGES)
 
 
 @app.command()
 def curate(recipe: Optional[Path] = RecipeArg, set_: List[str] = SetOpt, runs_dir: Path = RunsOpt) -> None:
     """Curate the raw text of the sources: language ID, quality filters, MinHash dedup, rehydration (datatrove)."""
-    from graftlm.pipeline import run_stages
-    from graftlm.runs import RunDir
-
-    loaded = _load(recipe, set_)
-    if loaded.curate is None:
-        raise GraftError("curate: the recipe has no curate section (add one, or --set curate.sources=[vi])")
-    run_stages(loaded, RunDir.for_recipe(loaded, runs_dir), ("curate",))
+    _run_stages(recipe, set_, runs_dir, ("curate",), "curate", "curate.sources=[vi]")
 
 
 @app.command()
 def vocab(recipe: Optional[Path] = RecipeArg, set_: List[str] = SetOpt, runs_dir: Path = RunsOpt) -> None:
     """Extend the vocabulary for the target language (the stages before it run first when needed)."""
-    from graftlm.pipeline import run_stages
-    from graftlm.runs import RunDir
-
-    loaded = _load(recipe, set_)
-    if loaded.vocab is None:
-        raise GraftError("vocab: the recipe has no vocab section (add one, or --set vocab.new_tokens=8000)")
-    run_stages(loaded, RunDir.for_recipe(loaded, runs_dir), ("base", "curate", "vocab"))
+    _run_stages(recipe, set_, runs_dir, ("base", "curate", "vocab"), "vocab", "vocab.new_tokens=8000")
 
 
 @app.command("eval")
@@ -128,13 +122,7 @@ def train(recipe: Optional[Path] = RecipeArg, set_: List[str] = SetOpt, runs_dir
 @app.command()
 def merge(recipe: Optional[Path] = RecipeArg, set_: List[str] = SetOpt, runs_dir: Path = RunsOpt) -> None:
     """Average, interpolate or add a chat vector to the trained model (the recipe's merge: section), and evaluate it."""
-    from graftlm.pipeline import run_stages
-    from graftlm.runs import RunDir
-
-    loaded = _load(recipe, set_)
-    if loaded.merge is None:
-        raise GraftError("merge: the recipe has no merge section (add one, or --set merge.alpha=0.5)")
-    run_stages(loaded, RunDir.for_recipe(loaded, runs_dir), ("merge",))
+    _run_stages(recipe, set_, runs_dir, ("merge",), "merge", "merge.alpha=0.5")
 
 
 @app.command()
@@ -169,7 +157,9 @@ def main() -> None:
     try:
         app()
     except GraftError as e:
-        console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        from rich.markup import escape
+
+        console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         console.print("interrupted")

@@ -60,6 +60,11 @@ def _report(recipe: Recipe, run: RunDir) -> None:
     console.print(verdict_table(verdict))
     if verdict is not None:
         log(verdict.summary())
+    trained = read_json(run.model / "graft-train.json") if (run.model / "graft-train.json").is_file() else {}
+    timings = read_json(run.timings) if run.timings.is_file() else {}
+    if trained:
+        log(f"tokens trained: {trained['tokens']:,}; wall time: {sum(timings.values()) / 60:.1f} min "
+            f"({', '.join(f'{k} {v:.0f}s' for k, v in timings.items() if v >= 0.5)})")
     log(f"report: {run.report}")
 
 

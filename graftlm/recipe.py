@@ -120,11 +120,38 @@ class _KeyProblem(ValueError):
         self.key, self.problem = key, problem
 
 
-def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, override and validate a recipe. `path=None` means the bundled demo recipe."""
+def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (),
+                _seen: tuple[Path, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe. `path=None` means the bundled demo recipe.
+
+    A recipe may start from another one, `extends: other.yaml` (relative to its own folder): the other recipe is
+    resolved first (its paths against its own folder), then this one's keys are merged over it, mapping by
+    mapping."""
     path = Path(path) if path is not None else find_demo_recipe()
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file")
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is not None:
+        parent_path = (path.parent / str(parent)).resolve()
+        if parent_path in _seen:
+            raise RecipeError(f"{path}: extends: {parent} makes a cycle")
+        resolved = load_recipe(parent_path, _seen=(*_seen, path.resolve())).model_dump(mode="json")
+        data = _merged(resolved, data)
+    for override in overrides:
+        apply_override(data, override)
+    return validate_recipe(data, base_dir=path.resolve().parent, origin=str(path))
+
+
+def _merged(base: dict, changes: dict) -> dict:
+    merged = dict(base)
+    for key, value in changes.items():
+        both_mappings = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merged(merged[key], value) if both_mappings else value
+    return merged
+
+
+def _read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
@@ -137,9 +164,7 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | tu
         data = {}
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: expected a mapping of recipe keys at the top level")
-    for override in overrides:
-        apply_override(data, override)
-    return validate_recipe(data, base_dir=path.resolve().parent, origin=str(path))
+    return data
 
 
 def validate_recipe(data: dict, base_dir: str | os.PathLike = ".", origin: str = "recipe") -> Recipe:

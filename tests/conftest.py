@@ -61,3 +61,44 @@ def run_graft(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+TINY_RECIPE = """
+name: tiny
+base_model: {model}
+sources:
+  vi: {{paths: ['{data}/vi/viwiki.jsonl'], max_documents: 20, lang: vi}}
+  en: {{paths: ['{data}/en/debian_handbook.jsonl'], max_documents: 20, lang: en}}
+mixture: {{vi: 0.75, en: 0.25}}
+train: {{{train}}}
+{extra}"""
+
+
+def write_tiny_recipe(folder: Path, model: Path, train: str, extra: str = "") -> Path:
+    """A recipe on the tiny model and 20 documents of each bundled language; `train` is the flow-style section."""
+    path = folder / "recipe.yaml"
+    path.write_text(TINY_RECIPE.format(model=model, data=DATA, train=train, extra=extra))
+    return path
+
+
+def last_logged_step(run) -> int:
+    return max((r["step"] for r in run.read_metrics() if "loss" in r), default=0)
+
+
+def kill_training_mid_run(recipe_path: Path, run, after_step: int, overrides=(), timeout: float = 180) -> int:
+    """Start `graft train` in a subprocess, SIGKILL it once it has logged `after_step`; returns the last step
+    it logged."""
+    import signal
+    import subprocess
+    import time
+
+    args = [a for o in overrides for a in ("--set", o)]
+    proc = subprocess.Popen([sys.executable, "-m", "graftlm", "train", str(recipe_path), "--runs-dir",
+                             str(run.root.parent), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=REPO)
+    deadline = time.time() + timeout
+    while time.time() < deadline and last_logged_step(run) < after_step and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return last_logged_step(run)

@@ -11,7 +11,6 @@ from graftlm.errors import DataError
 from graftlm.evaluate.bpb import bits_per_byte, load_text_set, windows
 from graftlm.evaluate.choice import (choice_accuracy, choice_span, encode_item, load_choice_set, wilson_interval,
                                     xcopa_context)
-from graftlm.evaluate.config import EvalConfig
 from graftlm.evaluate.suite import Evaluator
 from graftlm.recipe import validate_recipe
 

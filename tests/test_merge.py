@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DATA, run_graft
+from conftest import DATA, run_graft, write_tiny_recipe
 from graftlm.errors import GraftError
 from graftlm.merge.stage import add_task_vector, average, interpolate
 from graftlm.pipeline import run_stages
@@ -15,25 +15,16 @@ from graftlm.recipe import load_recipe
 from graftlm.report.verdict import compute_verdict
 from graftlm.runs import RunDir
 
-RECIPE = """
-name: tiny
-base_model: {model}
-sources:
-  vi: {{paths: ['{data}/vi/viwiki.jsonl'], max_documents: 20, lang: vi}}
-  en: {{paths: ['{data}/en/debian_handbook.jsonl'], max_documents: 20, lang: en}}
-mixture: {{vi: 0.75, en: 0.25}}
-train: {{seq_len: 32, batch_tokens: 128, max_steps: 4, lr: 1.0e-2, checkpoint_every: 2, micro_batch_size: 2}}
-eval:
+TRAIN = "seq_len: 32, batch_tokens: 128, max_steps: 4, lr: 1.0e-2, checkpoint_every: 2, micro_batch_size: 2"
+EVAL = """eval:
   text: {{vi: '{data}/eval/sib200/vie_Latn/test.tsv', en: '{data}/eval/sib200/eng_Latn/test.tsv'}}
   max_documents: 3
-"""
+""".format(data=DATA)
 
 
 @pytest.fixture
 def recipe_path(tmp_path, tiny_model_dir):
-    path = tmp_path / "recipe.yaml"
-    path.write_text(RECIPE.format(model=tiny_model_dir, data=DATA))
-    return path
+    return write_tiny_recipe(tmp_path, tiny_model_dir, TRAIN, EVAL)
 
 
 def test_interpolate_average_and_task_arithmetic():

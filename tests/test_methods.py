@@ -1,17 +1,13 @@
 """Methods against forgetting on a tiny random model: lora, layra, freeze, embeddings-first stages, EMA,
 distillation on replay; each exports a plain Hugging Face folder, and resume stays exact."""
 
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import DATA, REPO, run_graft
+from conftest import kill_training_mid_run, run_graft, write_tiny_recipe
 from graftlm.errors import RecipeError
 from graftlm.pipeline import run_stages
 from graftlm.recipe import load_recipe
@@ -19,15 +15,7 @@ from graftlm.runs import RunDir
 from graftlm.train.loop import train
 from graftlm.vocab.init import VOCAB_ROWS_FILE, VocabRows
 
-RECIPE = """
-name: tiny
-base_model: {model}
-sources:
-  vi: {{paths: ['{data}/vi/viwiki.jsonl'], max_documents: 20, lang: vi}}
-  en: {{paths: ['{data}/en/debian_handbook.jsonl'], max_documents: 20, lang: en}}
-mixture: {{vi: 0.75, en: 0.25}}
-train: {{seq_len: 32, batch_tokens: 128, max_steps: 6, lr: 1.0e-2, checkpoint_every: 3, micro_batch_size: 2}}
-"""
+TRAIN = "seq_len: 32, batch_tokens: 128, max_steps: 6, lr: 1.0e-2, checkpoint_every: 3, micro_batch_size: 2"
 NEW_ROWS = VocabRows(first_new=49100, new_tokens=40, rows=49152)
 """The tiny model's 49152 rows, as if a vocabulary extension had added 40 tokens (and 12 padding rows)."""
 EMBED = "model.embed_tokens.weight"
@@ -37,8 +25,7 @@ EMBED = "model.embed_tokens.weight"
 def make_run(tmp_path, tiny_model_dir):
     """make_run(*overrides, runs="runs") -> (recipe path, recipe, run) with the base exported and the sources
     packed; the base claims NEW_ROWS as the new rows of an extended vocabulary."""
-    path = tmp_path / "recipe.yaml"
-    path.write_text(RECIPE.format(model=tiny_model_dir, data=DATA))
+    path = write_tiny_recipe(tmp_path, tiny_model_dir, TRAIN)
 
     def make(*overrides: str, runs: str = "runs"):
         recipe = load_recipe(path, list(overrides))
@@ -132,8 +119,7 @@ def test_new_rows_stage_leaves_the_base_rows_bit_identical_then_all_train(make_r
     ("merge={average_last: 3}", "merge.average_last: needs that many checkpoints kept"),
 ])
 def test_recipe_mistakes_name_their_key(make_run, tmp_path, tiny_model_dir, override, message):
-    path = tmp_path / "recipe.yaml"
-    path.write_text(RECIPE.format(model=tiny_model_dir, data=DATA))
+    path = write_tiny_recipe(tmp_path, tiny_model_dir, TRAIN)
     with pytest.raises(RecipeError, match=message):
         load_recipe(path, [override])
 
@@ -148,15 +134,8 @@ def test_sigkill_then_resume_is_exact_with_lora_stages_ema_and_distillation(make
     assert all(d is not None for _, d in expected.values()) and any(d > 0 for _, d in expected.values())
 
     _, _, resumed = make_run(*overrides, runs="killed")
-    proc = subprocess.Popen([sys.executable, "-m", "graftlm", "train", str(path), "--runs-dir",
-                             str(resumed.root.parent), *[a for o in overrides for a in ("--set", o)]],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
-    deadline = time.time() + 180
-    while time.time() < deadline and max(losses(resumed), default=0) < 7:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert 7 <= max(losses(resumed)) < 10, "the run must be killed mid-way, in the second phase"
+    killed_at = kill_training_mid_run(path, resumed, after_step=7, overrides=overrides)
+    assert 7 <= killed_at < 10, "the run must be killed mid-way, in the second phase"
 
     train(recipe, resumed)  # from step 6: inside the second phase, its optimizer, EMA and dropout state restored
     assert losses(resumed) == expected

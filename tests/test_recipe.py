@@ -84,3 +84,22 @@ def test_recipe_show_prints_resolved_yaml(tmp_path, monkeypatch, capsys):
     assert code == 0
     shown = yaml.safe_load(out)
     assert shown["train"]["seed"] == 7 and shown["base_model"] == "smollm2-135m"
+
+
+def test_a_recipe_extends_another(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base/parent.yaml").write_text(MINIMAL + "train: {lr: 1.0e-4, seed: 3}\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: base/parent.yaml\nname: child\ntrain: {seed: 5}\nsources:\n  en: {paths: [e.txt]}\n")
+    recipe = load_recipe(child)
+    assert recipe.name == "child" and recipe.train.lr == 1e-4 and recipe.train.seed == 5  # merged key by key
+    assert recipe.sources["vi"].paths == [str(tmp_path / "base/data/*.jsonl")]  # against the parent's folder
+    assert recipe.sources["en"].paths == [str(tmp_path / "e.txt")]  # against the child's
+    (tmp_path / "base/parent.yaml").write_text("extends: ../child.yaml\n")
+    with pytest.raises(RecipeError, match="makes a cycle"):
+        load_recipe(child)
+
+
+def test_bundled_recipes_load():
+    for path in sorted((REPO / "recipes").glob("*.yaml")):
+        assert load_recipe(path).name == path.stem

@@ -1,6 +1,5 @@
 """The verdict and the report page, from a run directory with a known metrics.jsonl."""
 
-import json
 
 import pytest
 

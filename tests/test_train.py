@@ -1,42 +1,28 @@
 """The training engine on a tiny random model: metrics, checkpoints, exact resume after SIGKILL, NaN handling,
 and two DDP processes matching one."""
 
-import json
 import os
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import DATA, REPO, run_graft
+from conftest import REPO, kill_training_mid_run, run_graft, write_tiny_recipe
 from graftlm.errors import GraftError
 from graftlm.pipeline import run_stages
 from graftlm.recipe import load_recipe
 from graftlm.runs import RunDir
 from graftlm.train.loop import TrainingDiverged, train
 
-RECIPE = """
-name: tiny
-base_model: {model}
-sources:
-  vi: {{paths: ['{data}/vi/viwiki.jsonl'], max_documents: 20}}
-  en: {{paths: ['{data}/en/debian_handbook.jsonl'], max_documents: 20}}
-mixture: {{vi: 0.75, en: 0.25}}
-train: {{seq_len: 32, batch_tokens: 256, max_steps: 12, lr: 1.0e-3, checkpoint_every: 3, keep_checkpoints: 2,
-         micro_batch_size: 3}}
-"""
+TRAIN = ("seq_len: 32, batch_tokens: 256, max_steps: 12, lr: 1.0e-3, checkpoint_every: 3, keep_checkpoints: 2, "
+         "micro_batch_size: 3")
 
 
 @pytest.fixture
 def prepared(tmp_path, tiny_model_dir):
     """A recipe on the tiny model with its base exported and its sources packed."""
-    path = tmp_path / "recipe.yaml"
-    path.write_text(RECIPE.format(model=tiny_model_dir, data=DATA))
+    path = write_tiny_recipe(tmp_path, tiny_model_dir, TRAIN)
     recipe = load_recipe(path)
     run = RunDir.for_recipe(recipe, tmp_path / "runs")
     run_stages(recipe, run, ("base", "pack"))
@@ -70,14 +56,7 @@ def test_sigkill_mid_run_then_resume_logs_the_same_losses(prepared, tmp_path):
     other = tmp_path / "runs2"
     run_stages(recipe, RunDir.for_recipe(recipe, other), ("base", "pack"))
     resumed = RunDir.for_recipe(recipe, other)
-    proc = subprocess.Popen([sys.executable, "-m", "graftlm", "train", str(path), "--runs-dir", str(other)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
-    deadline = time.time() + 120
-    while time.time() < deadline and max(losses(resumed), default=0) < 7:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = max(losses(resumed))
+    killed_at = kill_training_mid_run(path, resumed, after_step=7)
     assert 7 <= killed_at < 12, "the run must be killed mid-way"
 
     train(recipe, resumed)

@@ -144,7 +144,7 @@ def test_word_piece_rule():
 
 def llama2_style_tokenizer(folder, texts) -> dict:
     """A tiny Llama-2-like tokenizer: `▁` for spaces, byte-fallback tokens <0x00>..<0xFF>, <unk> <s> </s>."""
-    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import models, normalizers, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])

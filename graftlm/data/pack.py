@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from graftlm.data.config import PackConfig, SourceConfig
-from graftlm.data.read import ReadStats, read_documents, resolve_paths
+from graftlm.data.read import COMPRESSIONS, ReadStats, read_documents, resolve_paths
 from graftlm.errors import DataError
 from graftlm.models import tokenizer_files
 from graftlm.progress import bytes_progress, log
@@ -96,7 +96,8 @@ def pack_source(name: str, source: SourceConfig, tokenizer_dir: str | Path, out_
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
     dtype = token_dtype(len(tokenizer))
     stats = ReadStats()
-    total_bytes = sum(Path(f).stat().st_size for f in files)
+    compressed = any(f.endswith(COMPRESSIONS) for f in files)
+    total_bytes = None if compressed else sum(Path(f).stat().st_size for f in files)  # text size is unknown
     started = time.perf_counter()
     with atomic_dir(out_dir) as tmp, ShardWriter(tmp, dtype, config.shard_tokens) as writer, \
             bytes_progress() as progress:
@@ -105,7 +106,7 @@ def pack_source(name: str, source: SourceConfig, tokenizer_dir: str | Path, out_
             encodings = encode(batch, add_special_tokens=False)
             writer.write(_join_with_eos([e.ids for e in encodings], eos, dtype))
             progress.advance(task, batch_bytes)
-        progress.update(task, completed=total_bytes)
+        progress.update(task, total=total_bytes or stats.bytes, completed=total_bytes or stats.bytes)
         if stats.documents == 0:
             raise DataError(f"sources.{name}: no documents to pack")
         seconds = time.perf_counter() - started

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
 
 from graftlm.recipe import Recipe, load_recipe
@@ -23,7 +22,7 @@ body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; 
 h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 1.6em; }
 table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.92em; }
 th, td { border: 1px solid #ddd; padding: 0.3em 0.7em; text-align: right; }
-th { background: #f4f4f4; } td:first-child, th:first-child, td.name { text-align: left; }
+th { background: #f4f4f4; } .name { text-align: left; }
 .better { color: #1e7e34; font-weight: 600; } .worse { color: #b02a37; font-weight: 600; }
 .summary { background: #f7f7f2; border-left: 4px solid #8a8; padding: 0.6em 1em; }
 img { max-width: 100%; margin: 0.5em 0; } pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
@@ -52,10 +51,10 @@ def build_report(recipe: Recipe, run: RunDir) -> Verdict | None:
     sections = [
         f"<h1>graftlm run: {_e(recipe.name)}</h1>",
         f"<p class='muted'>base model {_e(recipe.base_model)} · {_e(str(run.root))}</p>",
-        _verdict_section(verdict, training),
+        _verdict_section(verdict, training, read_json(run.timings) if run.timings.is_file() else {}),
         "<h2>Curves</h2>" + "".join(_img(f) for f in figures if f) if any(figures) else "",
         _data_section(run),
-        f"<h2>Recipe</h2><pre>{_e(recipe.to_yaml())}</pre>",
+        f"<h2>Recipe</h2><details><summary>the resolved recipe</summary><pre>{_e(recipe.to_yaml())}</pre></details>",
     ]
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>graftlm · {_e(recipe.name)}</title>"
             f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>")
@@ -107,42 +106,78 @@ def _training_summary(run: RunDir) -> dict:
     return read_json(marker) if marker.is_file() else {}
 
 
-def _verdict_section(verdict: Verdict | None, training: dict) -> str:
+def _verdict_section(verdict: Verdict | None, training: dict, timings: dict) -> str:
     if verdict is None:
         return "<h2>Verdict</h2><p>Not evaluated yet: the verdict needs the base and a trained evaluation.</p>"
-    rows = "".join(
-        "<tr>" + "".join(f"<td class='name'>{_e(c)}</td>" for c in row[:3])
-        + "".join(f"<td>{_e(c)}</td>" for c in row[3:5])
-        + f"<td class='{row[5].split()[-1]}'>{_e(row[5])}</td></tr>" for row in verdict_rows(verdict))
     tokens = training.get("tokens")
     elapsed = training.get("elapsed_s")
     speed = f" · {tokens / elapsed:,.0f} tokens/s" if tokens and elapsed else ""
     trained = (f"<p>{tokens:,} tokens in {training.get('step')} steps, {elapsed:,.0f} s of training{speed}; "
                f"{training.get('skipped_steps', 0)} skipped steps.</p>" if tokens else "")
+    if timings:
+        trained += (f"<p>Wall time {sum(timings.values()) / 60:.1f} min: "
+                    + ", ".join(f"{stage} {seconds:,.0f} s" for stage, seconds in timings.items() if seconds >= 0.5)
+                    + " (training includes its evaluations).</p>")
+    rows = [row[:5] + ((row[5], row[5].split()[-1]),) for row in verdict_rows(verdict)]
     return (f"<h2>Verdict</h2><p class='summary'>{_e(verdict.summary())}</p>{trained}"
-            "<table><tr><th>role</th><th>set</th><th>metric</th><th>base</th><th>trained</th><th>change</th></tr>"
-            f"{rows}</table>")
+            + _table(("role", "set", "metric", "base", "trained", "change"), rows, text_columns=3))
 
 
 def _data_section(run: RunDir) -> str:
-    parts = ["<h2>Data</h2>"]
-    packed = sorted(run.packed.glob("*/manifest.json")) if run.packed.is_dir() else []
-    if packed:
-        parts.append("<table><tr><th>source</th><th>documents</th><th>MB</th><th>tokens</th><th>tokens/byte</th>"
-                     "<th>skipped records</th></tr>")
-        for path in packed:
-            m = read_json(path)
-            skipped = sum(m.get("read", {}).get("skipped", {}).values())
-            parts.append(f"<tr><td>{_e(m['source'])}</td><td>{m['documents']:,}</td><td>{m['bytes'] / 1e6:.2f}</td>"
-                         f"<td>{m['tokens']:,}</td><td>{m['tokens'] / max(m['bytes'], 1):.3f}</td>"
-                         f"<td>{skipped}</td></tr>")
-        parts.append("</table>")
-    for title, paths in (("Curation", sorted(run.curated.glob("*/stats.json")) if run.curated.is_dir() else []),
-                         ("Vocabulary", [run.vocab / "stats.json"] if (run.vocab / "stats.json").is_file() else [])):
-        for path in paths:
-            parts.append(f"<details><summary>{title}: {_e(path.parent.name)}</summary>"
-                         f"<pre>{_e(json.dumps(read_json(path), indent=2, ensure_ascii=False))}</pre></details>")
-    return "".join(parts) if len(parts) > 1 else ""
+    parts = []
+    manifests = [read_json(p) for p in sorted(run.packed.glob("*/manifest.json"))] if run.packed.is_dir() else []
+    if manifests:
+        parts.append("<h3>Packed training data</h3>" + _table(
+            ("source", "documents", "MB", "tokens", "tokens/byte", "skipped records"),
+            [(m["source"], f"{m['documents']:,}", f"{m['bytes'] / 1e6:.2f}", f"{m['tokens']:,}",
+              f"{m['tokens'] / max(m['bytes'], 1):.3f}", str(sum(m.get("read", {}).get("skipped", {}).values())))
+             for m in manifests]))
+    for path in sorted(run.curated.glob("*/stats.json")) if run.curated.is_dir() else []:
+        parts.append(_curation(read_json(path)))
+    if (run.vocab / "stats.json").is_file():
+        parts.append(_vocabulary(read_json(run.vocab / "stats.json")))
+    return "<h2>Data</h2>" + "".join(parts) if parts else ""
+
+
+def _curation(stats: dict) -> str:
+    """What each curation step kept and dropped, and why."""
+    rows = [(s["step"], f"{s.get('documents_in', s['documents_out']):,}", f"{s['documents_out']:,}",
+             f"{s['bytes_out'] / 1e6:.2f}",
+             ", ".join(f"{reason} {count}" for reason, count in sorted(s.get("dropped", {}).items())))
+            for s in stats["steps"]]
+    clusters = ", ".join(f"{size}: {count}" for size, count in stats.get("cluster_sizes", {}).items())
+    return (f"<h3>Curation of {_e(stats['source'])}</h3><p>{stats['input']['documents']:,} documents in, "
+            f"{stats['output']['documents']:,} out ({stats['output']['bytes'] / 1e6:.2f} MB) in "
+            f"{stats['seconds']['total']:.1f} s; duplicate-cluster sizes (size: clusters): {_e(clusters) or '-'}.</p>"
+            + _table(("step", "documents in", "documents out", "MB out", "dropped (reason count)"), rows,
+                     text_columns=1, last_text=True))
+
+
+def _vocabulary(stats: dict) -> str:
+    """Tokens per word and per byte on each language's held-out text, before and after the extension."""
+    rows = [(lang, f"{f['before']['tokens_per_word']:.3f}", f"{f['after']['tokens_per_word']:.3f}",
+             f"{f['before']['tokens_per_byte']:.4f}", f"{f['after']['tokens_per_byte']:.4f}",
+             f"{f['identical_documents']:.1%}") for lang, f in stats["fertility"].items()]
+    return (f"<h3>Vocabulary extension</h3><p>{stats['new_tokens']:,} new tokens learned from "
+            f"'{_e(stats['source'])}' ({stats['family']}), new rows initialised by {_e(stats['init'])}; "
+            f"examples: {_e(' '.join(stats['examples'][:20]))}</p>"
+            + _table(("language", "tokens/word before", "after", "tokens/byte before", "after",
+                      "documents tokenised as before"), rows, text_columns=1))
+
+
+def _table(headers: tuple[str, ...], rows, text_columns: int = 1, last_text: bool = False) -> str:
+    """An HTML table; the first `text_columns` (and, with `last_text`, the last) are left-aligned text. A cell may be
+    a (text, css class) pair."""
+    def cell(value, index: int, width: int) -> str:
+        text, css = value if isinstance(value, tuple) else (value, "")
+        if index < text_columns or (last_text and index == width - 1):
+            css = f"{css} name".strip()
+        return f"<td class='{css}'>{_e(text)}</td>" if css else f"<td>{_e(text)}</td>"
+
+    head = "".join(f"<th class='name'>{_e(h)}</th>" if i < text_columns else f"<th>{_e(h)}</th>"
+                   for i, h in enumerate(headers))
+    body = "".join("<tr>" + "".join(cell(v, i, len(row)) for i, v in enumerate(row)) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def _img(png: bytes) -> str:

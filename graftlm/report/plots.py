@@ -27,8 +27,9 @@ def loss_and_lr(metrics: list[dict]) -> bytes | None:
         return None
     fig, ax = plt.subplots(figsize=(7, 3.4))
     tokens = [r["tokens"] for r in steps]
-    ax.plot(tokens, [r["loss"] if r["loss"] is not None else float("nan") for r in steps], color="#333",
-            label="training loss")
+    losses = [r["loss"] if r["loss"] is not None else float("nan") for r in steps]
+    ax.plot(tokens, losses, color="#bbb", linewidth=1, label="training loss")
+    ax.plot(tokens, _smoothed(losses), color="#333", label="smoothed")
     ax.set_xlabel("tokens")
     ax.set_ylabel("loss (nats/token)")
     lr_axis = ax.twinx()
@@ -37,6 +38,17 @@ def loss_and_lr(metrics: list[dict]) -> bytes | None:
     fig.legend(loc="upper right", bbox_to_anchor=(0.88, 0.88), fontsize=8)
     ax.set_title("Training loss and learning rate")
     return _png(fig)
+
+
+def _smoothed(values: list[float], weight: float = 0.8) -> list[float]:
+    """Exponential moving average with bias correction (as TensorBoard draws it)."""
+    smoothed, average, seen = [], 0.0, 0
+    for value in values:
+        if value == value:  # NaN (a skipped step) keeps the previous value
+            seen += 1
+            average = weight * average + (1 - weight) * value
+        smoothed.append(average / (1 - weight**seen) if seen else float("nan"))
+    return smoothed
 
 
 def eval_curves(metrics: list[dict], kind: str, target: str, langs: dict[str, str]) -> bytes | None:
@@ -54,6 +66,11 @@ def eval_curves(metrics: list[dict], kind: str, target: str, langs: dict[str, st
                   if name in r["eval"][kind] and "model" not in r]
         color = TARGET_COLOR if langs.get(name, name) == target else SOURCE_COLOR
         ax.plot([t for t, _ in points], [v for _, v in points], marker="o", markersize=3, color=color)
+        if kind == "choice":  # small sets are noisy: draw the 95% interval around each point
+            bands = [(r["tokens"], *r["eval"][kind][name]["ci95"]) for r in records
+                     if name in r["eval"][kind] and "model" not in r]
+            ax.fill_between([b[0] for b in bands], [b[1] for b in bands], [b[2] for b in bands], color=color,
+                            alpha=0.12, linewidth=0, label="95% CI")
         ax.axhline(points[0][1], color="#777", linestyle=":", linewidth=1, label="base")
         for r in records:
             if "model" in r and name in r["eval"][kind]:

@@ -23,7 +23,6 @@ import copy
 import re
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from graftlm.errors import GraftError
