@@ -81,12 +81,26 @@ PREPARE_STAGES = ("base", "curate", "vocab", "pack")
 """What `graft prepare` runs: everything up to packed training data."""
 
 
+COMPLETION_MARKERS = {"base": "base/graft-base.json", "curate": "curated/*/stats.json",
+                      "vocab": "vocab/stats.json", "pack": "packed/*/manifest.json",
+                      "train": "model/graft-train.json", "merge": "merged/graft-merge.json"}
+"""The files a stage writes last; a stage that leaves them untouched found its work done already."""
+
+
 def run_stages(recipe: Recipe, run: RunDir, stages=tuple(STAGES)) -> None:
-    """Run `stages` in order; the seconds each took go to runs/<name>/timings.json for the report."""
+    """Run `stages` in order. The seconds of each stage that did work go to runs/<name>/timings.json (a stage that
+    was up to date keeps the time it took when it did), so the report's wall time is the run's, not this call's."""
     run.write_recipe(recipe)
     timings = read_json(run.timings) if run.timings.is_file() else {}
     for name in stages:
+        before = _completion_stamp(run, name)
         started = time.perf_counter()
         STAGES[name](recipe, run)
-        timings[name] = round(time.perf_counter() - started, 2)
-        write_json_atomic(run.timings, timings)
+        if name not in COMPLETION_MARKERS or _completion_stamp(run, name) != before:
+            timings[name] = round(time.perf_counter() - started, 2)
+            write_json_atomic(run.timings, timings)
+
+
+def _completion_stamp(run: RunDir, stage: str) -> list:
+    pattern = COMPLETION_MARKERS.get(stage)
+    return sorted((str(p), p.stat().st_mtime_ns) for p in run.root.glob(pattern)) if pattern else []

@@ -111,9 +111,11 @@ def test_two_ddp_processes_match_one(prepared, tmp_path):
     other = tmp_path / "ddp"
     run_stages(fp32, RunDir.for_recipe(fp32, other), ("base", "pack"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "graftlm",
-                    "train", str(path), "--set", "train.precision=fp32", "--runs-dir", str(other)],
-                   check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # accelerate's multi-process launcher (torchrun underneath); without a GPU the processes form a gloo group
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    subprocess.run([*launch, "-m", "graftlm", "train", str(path), "--set", "train.precision=fp32",
+                    "--runs-dir", str(other)], check=True, env=env, cwd=REPO, capture_output=True)
     ddp = losses(RunDir.for_recipe(fp32, other))
     assert ddp.keys() == single.keys()
     for step in single:

@@ -335,6 +335,7 @@ sources:
 vocab: {{new_tokens: 400}}
 eval:
   text: {{vi: {VI_EVAL}, en: {EN_EVAL}}}
+  max_documents: 20
 """)
     code, _, err = run_graft(monkeypatch, capsys, "vocab", str(recipe), "--runs-dir", str(tmp_path / "runs"))
     assert code == 0, err
@@ -350,6 +351,13 @@ eval:
     assert model.get_input_embeddings().weight.shape[0] == 49600 and len(tokenizer) == 49552
     lines = (run.vocab / "new_tokens.jsonl").read_text().splitlines()
     assert len(lines) == 400 and json.loads(lines[0])["id"] == 49152
+    step0 = stats["bpb_before_training"]  # every init scored before training, beside the unextended base
+    assert list(step0) == ["base", "mean", "subword-mean", "weighted", "random"]
+    assert all(set(bpb) == {"vi", "en"} and all(v > 0 for v in bpb.values()) for bpb in step0.values())
+    assert step0["mean"]["en"] != step0["random"]["en"] or step0["mean"]["vi"] != step0["random"]["vi"]
+    from graftlm.report.page import _vocabulary
+
+    assert "Bits per byte before any training" in _vocabulary(stats)
 
     stamp = os.stat(run.vocab / "stats.json").st_mtime_ns
     code, _, err = run_graft(monkeypatch, capsys, "vocab", str(recipe), "--runs-dir", str(tmp_path / "runs"))

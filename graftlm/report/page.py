@@ -158,11 +158,19 @@ def _vocabulary(stats: dict) -> str:
     rows = [(lang, f"{f['before']['tokens_per_word']:.3f}", f"{f['after']['tokens_per_word']:.3f}",
              f"{f['before']['tokens_per_byte']:.4f}", f"{f['after']['tokens_per_byte']:.4f}",
              f"{f['identical_documents']:.1%}") for lang, f in stats["fertility"].items()]
-    return (f"<h3>Vocabulary extension</h3><p>{stats['new_tokens']:,} new tokens learned from "
+    page = (f"<h3>Vocabulary extension</h3><p>{stats['new_tokens']:,} new tokens learned from "
             f"'{_e(stats['source'])}' ({stats['family']}), new rows initialised by {_e(stats['init'])}; "
             f"examples: {_e(' '.join(stats['examples'][:20]))}</p>"
             + _table(("language", "tokens/word before", "after", "tokens/byte before", "after",
                       "documents tokenised as before"), rows, text_columns=1))
+    step0 = stats.get("bpb_before_training") or {}
+    if step0:
+        sets = list(step0["base"])
+        page += ("<p>Bits per byte before any training: the unextended base, and the extended model under each "
+                 "way of starting the new rows (this run uses " + _e(stats["init"]) + ").</p>"
+                 + _table(("model", *sets), [(name, *(f"{bpb[s]:.4f}" for s in sets)) for name, bpb in step0.items()],
+                          text_columns=1))
+    return page
 
 
 def _table(headers: tuple[str, ...], rows, text_columns: int = 1, last_text: bool = False) -> str:

@@ -37,6 +37,9 @@ class VocabConfig(Section):
     """A pair of tokens seen fewer times than this in the training text is never merged."""
     seed: int = 0
     """Seeds the `random` rows and the `weighted` similarity vectors."""
+    compare_inits: bool = True
+    """Also score the extended model under every init, before any training, on each `eval.text` set (bits per byte,
+    beside the unextended base): in stats.json and the report. Costs about one evaluation per init."""
 
 
 def target_source(recipe: "Recipe") -> str:

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
 
+INITS = ("mean", "subword-mean", "weighted", "random")
+"""How new embedding rows can start (see `VocabConfig.init`)."""
 VOCAB_ROWS_FILE = "graft-vocab.json"
 """Written beside config.json of a vocabulary-extended model."""
 

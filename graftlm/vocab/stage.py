@@ -24,7 +24,7 @@ from graftlm.recipe import Recipe
 from graftlm.runs import RunDir, atomic_dir, file_signature, fingerprint, read_json, write_json_atomic
 from graftlm.vocab.config import VocabConfig, target_source
 from graftlm.vocab.extend import Extension, extend_tokenizer, tokenizer_family, train_target_tokenizer
-from graftlm.vocab.init import VOCAB_ROWS_FILE, grow_embeddings, initialise_rows, similar_tokens
+from graftlm.vocab.init import INITS, VOCAB_ROWS_FILE, grow_embeddings, initialise_rows, similar_tokens
 
 VOCAB_FORMAT = 1
 TRAIN_VOCAB_PER_NEW_TOKEN = 6
@@ -58,7 +58,8 @@ def run_vocab(recipe: Recipe, run: RunDir) -> dict:
     family = tokenizer_family(base_json)
     read = ReadStats()
     sample: list[str] = []
-    texts = _training_text(source, name, config.train_bytes, read, sample if config.init == "weighted" else None)
+    needs_similar = config.init == "weighted" or (config.compare_inits and bool(recipe.eval.text))
+    texts = _training_text(source, name, config.train_bytes, read, sample if needs_similar else None)
     train_vocab = config.new_tokens * TRAIN_VOCAB_PER_NEW_TOKEN + 1000
     trained = train_target_tokenizer(texts, base_json, train_vocab, config.min_frequency)
     if read.documents == 0:
@@ -75,17 +76,24 @@ def run_vocab(recipe: Recipe, run: RunDir) -> dict:
     with atomic_dir(run.vocab) as tmp:
         tokenizer = write_tokenizer(run.base, extension, tmp / "model")
         model = load_model(str(run.base), trust_remote_code=recipe.trust_remote_code)
+        base_tokenizer = _load_tokenizer(run.base)
+        compare = config.compare_inits and bool(recipe.eval.text)
+        step0 = {"base": _text_bpb(recipe, base_tokenizer, model)} if compare else {}
         rows = grow_embeddings(model, extension.first_id, len(extension.tokens), config.pad_to_multiple_of,
                                config.init)
         similar = None
-        if config.init == "weighted":
+        if needs_similar:
             log(f"vocab: similarity vectors from {sum(len(t.encode()) for t in sample) / 1e6:.1f} MB of '{name}'")
             documents = [e.ids for e in tokenizer.backend_tokenizer.encode_batch(sample, add_special_tokens=False)]
             similar = similar_tokens(documents, rows, excluded=tokenizer.all_special_ids, seed=config.seed)
+        for init in INITS if compare else ():
+            initialise_rows(model, rows, init, extension.base_pieces, similar, config.seed)
+            step0[init] = _text_bpb(recipe, tokenizer, model)
+            log(f"vocab: before training, init {init}: " + ", ".join(f"{k} {v:.3f}" for k, v in step0[init].items())
+                + " bits/byte")
         initialise_rows(model, rows, config.init, extension.base_pieces, similar, config.seed)
         save_model(model, tokenizer, tmp / "model", extra_files={VOCAB_ROWS_FILE: rows.to_json()})
         _write_jsonl(tmp / "new_tokens.jsonl", _describe_tokens(extension, tokenizer))
-        base_tokenizer = _load_tokenizer(run.base)
         stats = {
             "source": name, "family": family, "trained_on": {"documents": read.documents, "bytes": read.bytes},
             "train_vocab_size": train_vocab, "requested": config.new_tokens, "new_tokens": len(extension.tokens),
@@ -97,6 +105,7 @@ def run_vocab(recipe: Recipe, run: RunDir) -> dict:
                          if "\ufffd" not in text][:40],
             "fertility": {lang: fertility_change(path, base_tokenizer, tokenizer, recipe.eval.text_field)
                           for lang, path in recipe.eval.text.items()},
+            "bpb_before_training": step0,
             "fingerprint": key, "seconds": round(time.perf_counter() - started, 1),
         }
         write_json_atomic(tmp / "stats.json", stats)
@@ -105,6 +114,14 @@ def run_vocab(recipe: Recipe, run: RunDir) -> dict:
             f"tokens per word, {change['identical_documents']:.0%} of documents tokenised as before")
     log(f"vocab: wrote {run.vocab / 'model'} ({rows.rows:,} embedding rows, init {config.init})")
     return stats
+
+
+def _text_bpb(recipe: Recipe, tokenizer, model) -> dict[str, float]:
+    """Bits per byte of `model` on each `eval.text` set (the during-training subsets)."""
+    from graftlm.evaluate.suite import Evaluator
+
+    evaluator = Evaluator.from_config(recipe.eval.model_copy(update={"choice": {}}), tokenizer)
+    return {name: round(result["bpb"], 4) for name, result in evaluator(model)["text"].items()}
 
 
 def _training_text(source: SourceConfig, name: str, limit: int, read: ReadStats,

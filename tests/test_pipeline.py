@@ -1,0 +1,19 @@
+"""`graft run`: stages in order, skipped when up to date, timings kept from the run that did the work."""
+
+from conftest import run_graft, write_tiny_recipe
+from graftlm.recipe import load_recipe
+from graftlm.runs import RunDir, read_json
+
+
+def test_second_run_skips_and_keeps_the_timings_of_the_first(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    path = write_tiny_recipe(tmp_path, tiny_model_dir, "seq_len: 32, batch_tokens: 64, max_steps: 2")
+    runs = str(tmp_path / "runs")
+    assert run_graft(monkeypatch, capsys, "run", str(path), "--runs-dir", runs)[0] == 0
+    run = RunDir.for_recipe(load_recipe(path), runs)
+    first = read_json(run.timings)
+    assert set(first) == {"base", "pack", "train", "report"}  # curate, vocab and merge have no section
+    code, _, err = run_graft(monkeypatch, capsys, "run", str(path), "--runs-dir", runs)
+    assert code == 0 and "pack: vi is up to date" in err and "is up to date" in err.split("train:")[1]
+    again = read_json(run.timings)
+    assert {k: again[k] for k in ("base", "pack", "train")} == {k: first[k] for k in ("base", "pack", "train")}
+    assert (run.model / "README.md").is_file() and run.report.is_file()
