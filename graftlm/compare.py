@@ -29,7 +29,7 @@ from graftlm.pipeline import PREPARE_STAGES, STAGES, run_stages
 from graftlm.progress import log
 from graftlm.recipe import Recipe, load_recipe
 from graftlm.report import plots
-from graftlm.report.page import STYLE, _img
+from graftlm.report.page import STYLE, embed_png
 from graftlm.report.verdict import Verdict, compute_verdict
 from graftlm.runs import RunDir, read_json, write_json_atomic, write_text_atomic
 
@@ -176,7 +176,7 @@ def write_compare_report(parent: RunDir, runs: dict[str, tuple[Variant, Recipe, 
     folder = parent.root / "compare"
     write_json_atomic(folder / "summary.json", summary)
 
-    head = "".join(f"<th>{_e(role)} {_e(name)}<br>Δ {'bpb' if kind == 'text' else 'accuracy'}</th>"
+    head = "".join(f"<th>{html.escape(role)} {html.escape(name)}<br>Δ {'bpb' if kind == 'text' else 'accuracy'}</th>"
                    for role, kind, name in sets)
     body = ""
     for r in sorted(rows, key=lambda r: (r.variant not in front, r.mean_delta("target") or 0)):
@@ -185,7 +185,8 @@ def write_compare_report(parent: RunDir, runs: dict[str, tuple[Variant, Recipe, 
         speed = (f"{r.training['tokens'] / r.training['elapsed_s']:,.0f}"
                  if r.training.get("tokens") and r.training.get("elapsed_s") else "—")
         trainable = r.training.get("trainable_parameters") or [{}]
-        body += (f"<tr><td class='name'>{_e(r.variant)}</td><td class='name'>{_e(' '.join(r.overrides))}</td>"
+        body += (f"<tr><td class='name'>{html.escape(r.variant)}</td>"
+                 f"<td class='name'>{html.escape(' '.join(r.overrides))}</td>"
                  f"{cells}<td>{_number(r.mean_delta('target'))}</td><td>{_number(r.mean_delta('source'))}</td>"
                  f"<td>{'yes' if r.variant in front else ''}</td>"
                  f"<td>{trainable[-1].get('parameters', 0):,}</td><td>{speed}</td></tr>")
@@ -195,15 +196,15 @@ def write_compare_report(parent: RunDir, runs: dict[str, tuple[Variant, Recipe, 
     figures = [plots.pareto_scatter(points, front),
                plots.compare_curves({n: run.read_metrics() for n, (_, _, run) in runs.items()}, "text"),
                plots.compare_curves({n: run.read_metrics() for n, (_, _, run) in runs.items()}, "choice")]
-    links = "".join(f"<li><a href='{_e(name)}/report.html'>{_e(name)}</a></li>" for name in runs)
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>graftlm · compare {_e(parent.root.name)}"
-            f"</title><style>{STYLE}</style></head><body><h1>graftlm comparison: {_e(parent.root.name)}</h1>"
+    links = "".join(f"<li><a href='{html.escape(name)}/report.html'>{html.escape(name)}</a></li>" for name in runs)
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>graftlm · compare {html.escape(parent.root.name)}"
+            f"</title><style>{STYLE}</style></head><body><h1>graftlm comparison: {html.escape(parent.root.name)}</h1>"
             f"<p class='muted'>{len(runs)} variants of one recipe, the same data and budget · "
-            f"{_e(str(folder))}</p><h2>Gain against loss</h2>"
+            f"{html.escape(str(folder))}</p><h2>Gain against loss</h2>"
             "<p class='summary'>Change in bits per byte from the start model to each variant's final model "
             "(lower is better): the target language should fall, the source languages should not rise. A variant "
             "is on the Pareto front when no other one both gains more and loses less.</p>"
-            f"{table}" + "".join(_img(f) for f in figures if f)
+            f"{table}" + "".join(embed_png(f) for f in figures if f)
             + f"<h2>Variants</h2><ul>{links}</ul></body></html>")
     write_text_atomic(folder / "report.html", page)
     return folder / "report.html"
@@ -219,6 +220,3 @@ def _delta_cell(change) -> str:
 def _number(value: float | None) -> str:
     return "—" if value is None else f"{value:+.4f}"
 
-
-def _e(text) -> str:
-    return html.escape(str(text))

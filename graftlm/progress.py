@@ -25,6 +25,6 @@ def bytes_progress() -> Progress:
 
 def steps_progress(show: bool = True) -> Progress:
     """A bar over steps, with a `status` field (loss, rate) shown after it; `show=False` for non-main processes."""
-    return Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), TextColumn("{task.fields[status]}", markup=False), console=console, transient=False,
-                    disable=not show)
+    return Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}", markup=False),
+                    console=console, transient=False, disable=not show)

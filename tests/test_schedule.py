@@ -23,7 +23,8 @@ def test_cosine_rewarm_then_redecay():
 
 
 def test_warmup_fraction():
-    assert curve(100, name="constant", warmup_fraction=0.1)[:11] == [pytest.approx((s + 1) / 10) for s in range(10)] + [1.0]
+    expected = [pytest.approx((s + 1) / 10) for s in range(10)] + [1.0]
+    assert curve(100, name="constant", warmup_fraction=0.1)[:11] == expected
 
 
 @pytest.mark.parametrize("shape", ["linear", "cosine", "sqrt"])

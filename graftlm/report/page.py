@@ -25,7 +25,8 @@ th, td { border: 1px solid #ddd; padding: 0.3em 0.7em; text-align: right; }
 th { background: #f4f4f4; } .name { text-align: left; }
 .better { color: #1e7e34; font-weight: 600; } .worse { color: #b02a37; font-weight: 600; }
 .summary { background: #f7f7f2; border-left: 4px solid #8a8; padding: 0.6em 1em; }
-img { max-width: 100%; margin: 0.5em 0; } pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
+img { max-width: 100%; margin: 0.5em 0; }
+pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
 .muted { color: #777; font-size: 0.9em; }
 """
 
@@ -52,7 +53,7 @@ def build_report(recipe: Recipe, run: RunDir) -> Verdict | None:
         f"<h1>graftlm run: {_e(recipe.name)}</h1>",
         f"<p class='muted'>base model {_e(recipe.base_model)} · {_e(str(run.root))}</p>",
         _verdict_section(verdict, training, read_json(run.timings) if run.timings.is_file() else {}),
-        "<h2>Curves</h2>" + "".join(_img(f) for f in figures if f) if any(figures) else "",
+        "<h2>Curves</h2>" + "".join(embed_png(f) for f in figures if f) if any(figures) else "",
         _data_section(run),
         f"<h2>Recipe</h2><details><summary>the resolved recipe</summary><pre>{_e(recipe.to_yaml())}</pre></details>",
     ]
@@ -188,7 +189,7 @@ def _table(headers: tuple[str, ...], rows, text_columns: int = 1, last_text: boo
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _img(png: bytes) -> str:
+def embed_png(png: bytes) -> str:
     return f"<img src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
 
 
