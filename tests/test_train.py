@@ -63,6 +63,15 @@ def test_sigkill_mid_run_then_resume_logs_the_same_losses(prepared, tmp_path):
     assert losses(resumed) == expected  # bit-identical floats at every step
 
 
+def test_killed_before_its_first_checkpoint_starts_over_with_a_clean_log(prepared):
+    path, recipe, run = prepared
+    killed_at = kill_training_mid_run(path, run, after_step=4, overrides=["train.checkpoint_every=100"])
+    assert 4 <= killed_at < 12 and not list(run.checkpoints.glob("step-*"))
+
+    train(recipe, run)
+    assert [r["step"] for r in run.read_metrics() if "loss" in r] == list(range(1, 13))
+
+
 def test_changed_recipe_is_refused_and_fresh_starts_over(prepared, monkeypatch, capsys):
     path, recipe, run = prepared
     stop_at = {"step": 4}

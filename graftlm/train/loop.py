@@ -82,11 +82,10 @@ def train(recipe: Recipe, run: RunDir, fresh: bool = False,
     if not fresh and _final_model_matches(run, final_key):
         log(f"train: {run.model} is up to date")
         return run.model
-    if fresh and accelerator.is_main_process:
-        _clear_outputs(run)
+    checkpoints = [] if fresh else complete_checkpoints(run)
+    if not checkpoints and accelerator.is_main_process:
+        _clear_outputs(run)  # starting over: nothing that an earlier, unfinished run logged may stay
     accelerator.wait_for_everyone()
-
-    checkpoints = complete_checkpoints(run)
     resume_from = checkpoints[-1][1] if checkpoints else None
     state = TrainerState()
     torch.manual_seed(cfg.seed)  # before adapters are initialised; a resumed run restores its own random state
