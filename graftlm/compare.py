@@ -193,7 +193,7 @@ def write_compare_report(parent: RunDir, runs: dict[str, tuple[Variant, Recipe, 
     table = ("<table><tr><th>variant</th><th>overrides</th>" + head + "<th>target Δbpb (mean)</th>"
              "<th>source Δbpb (mean)</th><th>Pareto</th><th>trainable parameters</th><th>tokens/s</th></tr>"
              + body + "</table>")
-    figures = [plots.pareto_scatter(points, front),
+    figures = [plots.pareto_scatter(points, front, plots.variant_colors(list(runs))),
                plots.compare_curves({n: run.read_metrics() for n, (_, _, run) in runs.items()}, "text"),
                plots.compare_curves({n: run.read_metrics() for n, (_, _, run) in runs.items()}, "choice")]
     links = "".join(f"<li><a href='{html.escape(name)}/report.html'>{html.escape(name)}</a></li>" for name in runs)

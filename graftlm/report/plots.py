@@ -101,6 +101,22 @@ def tokens_by_source(metrics: list[dict]) -> bytes | None:
     return _png(fig)
 
 
+LEGEND_LINE_INCHES = 0.2
+
+
+def variant_colors(variants: list[str]) -> dict[str, str]:
+    """One colour per `graft compare` variant, the same in every figure of the comparison."""
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return {name: cycle[i % len(cycle)] for i, name in enumerate(variants)}
+
+
+def _legend_below(fig, ax) -> None:
+    """Variant names are long: one legend under the figure (a line each) instead of one over the curves."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=1, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, (LEGEND_LINE_INCHES * len(labels) + 0.1) / fig.get_figheight(), 1, 1))
+
+
 def compare_curves(runs: dict[str, list[dict]], kind: str = "text") -> bytes | None:
     """`graft compare`: one panel per evaluation set, one curve per variant (bits per byte or accuracy over
     training tokens), each variant's exported model (EMA, merged) as a star at its end."""
@@ -109,41 +125,43 @@ def compare_curves(runs: dict[str, list[dict]], kind: str = "text") -> bytes | N
                                for name in r["eval"][kind]))
     if not names:
         return None
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = variant_colors(list(runs))
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4 + LEGEND_LINE_INCHES * len(runs)), squeeze=False)
     for ax, name in zip(axes[0], names):
-        for i, (variant, metrics) in enumerate(runs.items()):
+        for variant, metrics in runs.items():
             records = [r for r in eval_records(metrics) if name in r["eval"][kind]]
             curve = [(r["tokens"], r["eval"][kind][name][key]) for r in records if "model" not in r]
-            color = colors[i % len(colors)]
-            ax.plot([t for t, _ in curve], [v for _, v in curve], marker="o", markersize=3, color=color,
+            ax.plot([t for t, _ in curve], [v for _, v in curve], marker="o", markersize=3, color=colors[variant],
                     label=variant)
             for r in records:
                 if "model" in r:
-                    ax.plot(r["tokens"], r["eval"][kind][name][key], marker="*", markersize=10, color=color)
+                    ax.plot(r["tokens"], r["eval"][kind][name][key], marker="*", markersize=10,
+                            color=colors[variant])
         ax.set_title(name if len(name) < 40 else "…" + name[-38:], fontsize=9)
         ax.set_xlabel("tokens")
         ax.set_ylabel("bits per byte" if kind == "text" else "accuracy")
-    axes[0][0].legend(fontsize=7)
     fig.suptitle("Bits per byte by variant (lower is better; ★ the exported model)" if kind == "text"
                  else "Multiple-choice accuracy by variant", fontsize=10)
-    fig.tight_layout()
+    _legend_below(fig, axes[0][0])
     return _png(fig)
 
 
-def pareto_scatter(points: dict[str, tuple[float, float]], front: set[str]) -> bytes | None:
-    """Target-language change in bpb (down is better) against source-language change (left is better)."""
+def pareto_scatter(points: dict[str, tuple[float, float]], front: set[str],
+                   colors: dict[str, str] | None = None) -> bytes | None:
+    """Target-language change in bpb (down is better) against source-language change (left is better); the
+    variants on the Pareto front ringed in black."""
     if not points:
         return None
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    colors = colors or variant_colors(list(points))
+    fig, ax = plt.subplots(figsize=(5.5, 4.2 + LEGEND_LINE_INCHES * len(points)))
     for name, (source, target) in points.items():
         on_front = name in front
-        ax.plot(source, target, marker="o", markersize=7 if on_front else 5, linestyle="none",
-                color=TARGET_COLOR if on_front else "#999")
-        ax.annotate(name, (source, target), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ax.plot(source, target, marker="o", markersize=9 if on_front else 6, linestyle="none", color=colors[name],
+                markeredgecolor="black" if on_front else colors[name], markeredgewidth=1.5, label=name)
     ax.axvline(0, color="#777", linestyle=":", linewidth=1)
     ax.axhline(0, color="#777", linestyle=":", linewidth=1)
     ax.set_xlabel("source-language Δ bits per byte (loss →)")
     ax.set_ylabel("target-language Δ bits per byte (↓ gain)")
-    ax.set_title("Gain against loss (red: the Pareto front)", fontsize=10)
+    ax.set_title("Gain against loss (ringed: the Pareto front)", fontsize=10)
+    _legend_below(fig, ax)
     return _png(fig)
