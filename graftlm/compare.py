@@ -143,13 +143,15 @@ class Row:
     verdict: Verdict | None
     training: dict
 
-    def mean_delta(self, role: str) -> float | None:
+    def mean_bpb(self, role: str, which: str = "final") -> float | None:
+        """The mean over the role's text sets of the final bits per byte (`which="final"`) or of its change from
+        the variant's start model (`"delta"`)."""
         changes = self.verdict.of(role, "text") if self.verdict else []
-        return sum(c.delta for c in changes) / len(changes) if changes else None
+        return sum(getattr(c, which) for c in changes) / len(changes) if changes else None
 
 
 def pareto_front(points: dict[str, tuple[float, float]]) -> set[str]:
-    """The variants no other one beats on both counts: (source Δbpb, target Δbpb), lower is better for both."""
+    """The variants no other one beats on both counts: (source bpb, target bpb), lower is better for both."""
     def dominated(a: tuple[float, float]) -> bool:
         return any(b[0] <= a[0] and b[1] <= a[1] and b != a for b in points.values())
 
@@ -162,13 +164,16 @@ def write_compare_report(parent: RunDir, runs: dict[str, tuple[Variant, Recipe, 
         marker = run.model / "graft-train.json"
         rows.append(Row(name, variant.overrides, compute_verdict(recipe, run.read_metrics()),
                         read_json(marker) if marker.is_file() else {}))
-    points = {r.variant: (r.mean_delta("source"), r.mean_delta("target")) for r in rows
-              if r.mean_delta("source") is not None and r.mean_delta("target") is not None}
+    # final bits per byte, not changes: variants may start from different models (an extended vocabulary starts
+    # from its resized base), and bits per byte compare across tokenizers
+    points = {r.variant: (r.mean_bpb("source"), r.mean_bpb("target")) for r in rows
+              if r.mean_bpb("source") is not None and r.mean_bpb("target") is not None}
     front = pareto_front(points)
     sets = list(dict.fromkeys((c.role, c.kind, c.name) for r in rows if r.verdict for c in r.verdict.changes))
     summary = {r.variant: {
         "overrides": list(r.overrides), "run": str(runs[r.variant][2].root),
-        "target_delta_bpb": r.mean_delta("target"), "source_delta_bpb": r.mean_delta("source"),
+        "target_bpb": r.mean_bpb("target"), "source_bpb": r.mean_bpb("source"),
+        "target_delta_bpb": r.mean_bpb("target", "delta"), "source_delta_bpb": r.mean_bpb("source", "delta"),
         "pareto": r.variant in front, "tokens": r.training.get("tokens"), "elapsed_s": r.training.get("elapsed_s"),
         "trainable_parameters": r.training.get("trainable_parameters"),
         "changes": {c.name: {"role": c.role, "kind": c.kind, "base": c.base, "final": c.final, "delta": c.delta}
@@ -176,10 +181,10 @@ def write_compare_report(parent: RunDir, runs: dict[str, tuple[Variant, Recipe, 
     folder = parent.root / "compare"
     write_json_atomic(folder / "summary.json", summary)
 
-    head = "".join(f"<th>{html.escape(role)} {html.escape(name)}<br>Δ {'bpb' if kind == 'text' else 'accuracy'}</th>"
+    head = "".join(f"<th>{html.escape(role)} {html.escape(name)}<br>{'bpb' if kind == 'text' else 'accuracy'} (Δ)</th>"
                    for role, kind, name in sets)
     body = ""
-    for r in sorted(rows, key=lambda r: (r.variant not in front, r.mean_delta("target") or 0)):
+    for r in sorted(rows, key=lambda r: (r.variant not in front, r.mean_bpb("target") or 0)):
         by_set = {(c.role, c.kind, c.name): c for c in (r.verdict.changes if r.verdict else [])}
         cells = "".join(_delta_cell(by_set.get(s)) for s in sets)
         speed = (f"{r.training['tokens'] / r.training['elapsed_s']:,.0f}"
@@ -187,11 +192,11 @@ def write_compare_report(parent: RunDir, runs: dict[str, tuple[Variant, Recipe, 
         trainable = r.training.get("trainable_parameters") or [{}]
         body += (f"<tr><td class='name'>{html.escape(r.variant)}</td>"
                  f"<td class='name'>{html.escape(' '.join(r.overrides))}</td>"
-                 f"{cells}<td>{_number(r.mean_delta('target'))}</td><td>{_number(r.mean_delta('source'))}</td>"
+                 f"{cells}<td>{_number(r.mean_bpb('target'))}</td><td>{_number(r.mean_bpb('source'))}</td>"
                  f"<td>{'yes' if r.variant in front else ''}</td>"
                  f"<td>{trainable[-1].get('parameters', 0):,}</td><td>{speed}</td></tr>")
-    table = ("<table><tr><th>variant</th><th>overrides</th>" + head + "<th>target Δbpb (mean)</th>"
-             "<th>source Δbpb (mean)</th><th>Pareto</th><th>trainable parameters</th><th>tokens/s</th></tr>"
+    table = ("<table><tr><th>variant</th><th>overrides</th>" + head + "<th>target bpb (mean)</th>"
+             "<th>source bpb (mean)</th><th>Pareto</th><th>trainable parameters</th><th>tokens/s</th></tr>"
              + body + "</table>")
     figures = [plots.pareto_scatter(points, front, plots.variant_colors(list(runs))),
                plots.compare_curves({n: run.read_metrics() for n, (_, _, run) in runs.items()}, "text"),
@@ -201,9 +206,10 @@ def write_compare_report(parent: RunDir, runs: dict[str, tuple[Variant, Recipe, 
             f"</title><style>{STYLE}</style></head><body><h1>graftlm comparison: {html.escape(parent.root.name)}</h1>"
             f"<p class='muted'>{len(runs)} variants of one recipe, the same data and budget · "
             f"{html.escape(str(folder))}</p><h2>Gain against loss</h2>"
-            "<p class='summary'>Change in bits per byte from the start model to each variant's final model "
-            "(lower is better): the target language should fall, the source languages should not rise. A variant "
-            "is on the Pareto front when no other one both gains more and loses less.</p>"
+            "<p class='summary'>Each variant's final model: bits per byte (lower is better; comparable across "
+            "tokenizers) and, in brackets, the change from the variant's own start model — the base, or the base "
+            "with its vocabulary extended. The target language should fall, the source languages should not rise. "
+            "A variant is on the Pareto front when no other one ends lower on both.</p>"
             f"{table}" + "".join(embed_png(f) for f in figures if f)
             + f"<h2>Variants</h2><ul>{links}</ul></body></html>")
     write_text_atomic(folder / "report.html", page)
@@ -214,9 +220,9 @@ def _delta_cell(change) -> str:
     if change is None:
         return "<td>—</td>"
     mark = "better" if change.better else ("worse" if change.delta else "")
-    return f"<td class='{mark}'>{change.delta:+.4f}</td>"
+    return f"<td>{change.final:.4f} <span class='{mark}'>({change.delta:+.4f})</span></td>"
 
 
 def _number(value: float | None) -> str:
-    return "—" if value is None else f"{value:+.4f}"
+    return "—" if value is None else f"{value:.4f}"
 

@@ -94,7 +94,10 @@ def test_graft_compare_shares_the_data_and_writes_one_report(recipe_path, monkey
     assert (folder / "method-lora" / "adapter" / "adapter_config.json").is_file()
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["method-lora"]["overrides"] == ["train.method=lora"]
-    assert {"target_delta_bpb", "source_delta_bpb", "pareto"} <= set(summary["method-full"])
+    full = summary["method-full"]
+    assert {"target_bpb", "source_bpb", "target_delta_bpb", "source_delta_bpb", "pareto"} <= set(full)
+    target = [c for c in full["changes"].values() if c["role"] == "target" and c["kind"] == "text"]
+    assert full["target_bpb"] == pytest.approx(sum(c["final"] for c in target) / len(target))
     assert any(entry["pareto"] for entry in summary.values())
     page = (folder / "report.html").read_text()
     assert "Pareto" in page and "method-lora" in page and page.count("<img src='data:image/png;base64,") >= 2

@@ -148,7 +148,7 @@ def compare_curves(runs: dict[str, list[dict]], kind: str = "text") -> bytes | N
 
 def pareto_scatter(points: dict[str, tuple[float, float]], front: set[str],
                    colors: dict[str, str] | None = None) -> bytes | None:
-    """Target-language change in bpb (down is better) against source-language change (left is better); the
+    """Final target-language bits per byte (down is better) against source-language (left is better), the
     variants on the Pareto front ringed in black."""
     if not points:
         return None
@@ -158,10 +158,8 @@ def pareto_scatter(points: dict[str, tuple[float, float]], front: set[str],
         on_front = name in front
         ax.plot(source, target, marker="o", markersize=9 if on_front else 6, linestyle="none", color=colors[name],
                 markeredgecolor="black" if on_front else colors[name], markeredgewidth=1.5, label=name)
-    ax.axvline(0, color="#777", linestyle=":", linewidth=1)
-    ax.axhline(0, color="#777", linestyle=":", linewidth=1)
-    ax.set_xlabel("source-language Δ bits per byte (loss →)")
-    ax.set_ylabel("target-language Δ bits per byte (↓ gain)")
+    ax.set_xlabel("source-language bits per byte at the end (← better)")
+    ax.set_ylabel("target-language bits per byte at the end (↓ better)")
     ax.set_title("Gain against loss (ringed: the Pareto front)", fontsize=10)
     _legend_below(fig, ax)
     return _png(fig)
