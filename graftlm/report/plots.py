@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
+from matplotlib.ticker import FuncFormatter  # noqa: E402
+
 from graftlm.report.verdict import eval_records  # noqa: E402
 
 TARGET_COLOR, SOURCE_COLOR = "#c0392b", "#2e6da4"
@@ -30,7 +32,7 @@ def loss_and_lr(metrics: list[dict]) -> bytes | None:
     losses = [r["loss"] if r["loss"] is not None else float("nan") for r in steps]
     ax.plot(tokens, losses, color="#bbb", linewidth=1, label="training loss")
     ax.plot(tokens, _smoothed(losses), color="#333", label="smoothed")
-    ax.set_xlabel("tokens")
+    _tokens_axis(ax, "tokens")
     ax.set_ylabel("loss (nats/token)")
     lr_axis = ax.twinx()
     lr_axis.plot(tokens, [r["lr"] for r in steps], color="#999", linestyle="--", label="learning rate")
@@ -77,7 +79,7 @@ def eval_curves(metrics: list[dict], kind: str, target: str, langs: dict[str, st
                 ax.plot(r["tokens"], r["eval"][kind][name][key], marker="*", markersize=10, linestyle="none",
                         color="#e0a800" if r["model"] == "merged" else "#6c4", label=r["model"])
         ax.set_title(name if len(name) < 40 else "…" + name[-38:], fontsize=9)
-        ax.set_xlabel("tokens")
+        _tokens_axis(ax, "tokens")
         ax.set_ylabel("bits per byte" if kind == "text" else "accuracy")
         ax.legend(fontsize=7)
     fig.suptitle("Bits per byte during training (lower is better)" if kind == "text"
@@ -94,11 +96,18 @@ def tokens_by_source(metrics: list[dict]) -> bytes | None:
     names = list(steps[-1]["tokens_by_source"])
     ax.stackplot([r["tokens"] for r in steps], *[[r["tokens_by_source"].get(n, 0) for r in steps] for n in names],
                  labels=names, alpha=0.8)
-    ax.set_xlabel("tokens trained")
+    _tokens_axis(ax, "tokens trained")
     ax.set_ylabel("tokens per source")
     ax.legend(loc="upper left", fontsize=8)
     ax.set_title("Tokens seen per source")
     return _png(fig)
+
+
+def _tokens_axis(ax, label: str) -> None:
+    """Token counts as 20k, 1.5M: six-digit tick labels run into each other on a small panel."""
+    ax.set_xlabel(label)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1e6:g}M" if abs(x) >= 1e6
+                                               else f"{x / 1e3:g}k" if x else "0"))
 
 
 LEGEND_LINE_INCHES = 0.2
@@ -138,7 +147,7 @@ def compare_curves(runs: dict[str, list[dict]], kind: str = "text") -> bytes | N
                     ax.plot(r["tokens"], r["eval"][kind][name][key], marker="*", markersize=10,
                             color=colors[variant])
         ax.set_title(name if len(name) < 40 else "…" + name[-38:], fontsize=9)
-        ax.set_xlabel("tokens")
+        _tokens_axis(ax, "tokens")
         ax.set_ylabel("bits per byte" if kind == "text" else "accuracy")
     fig.suptitle("Bits per byte by variant (lower is better; ★ the exported model)" if kind == "text"
                  else "Multiple-choice accuracy by variant", fontsize=10)

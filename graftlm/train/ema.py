@@ -1,7 +1,9 @@
 """An exponential moving average of the trained weights: `shadow ← decay · shadow + (1 - decay) · weights` after
 each optimizer step, kept in fp32 beside the model and saved in every checkpoint (a resumed run continues it
 exactly). It starts at the start model, so it also pulls the result back toward it: with few steps and a decay
-close to 1, the average barely leaves the start.
+close to 1, the average barely leaves the start. Only trained parameters are averaged: under LoRA those are the
+adapter's factors A and B, so the exported average is (mean B)(mean A) rather than the mean of the products B·A —
+the same to first order while the factors move slowly.
 """
 
 from __future__ import annotations
