@@ -29,7 +29,7 @@ from graftlm.pipeline import PREPARE_STAGES, STAGES, run_stages
 from graftlm.progress import log
 from graftlm.recipe import Recipe, load_recipe
 from graftlm.report import plots
-from graftlm.report.page import STYLE, embed_png
+from graftlm.report.page import STYLE, embed_png, html_table
 from graftlm.report.verdict import Verdict, compute_verdict
 from graftlm.runs import RunDir, read_json, write_json_atomic, write_text_atomic
 
@@ -159,10 +159,11 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> set[str]:
 
 
 def write_compare_report(parent: RunDir, runs: dict[str, tuple[Variant, Recipe, RunDir]]) -> Path:
+    metrics = {name: run.read_metrics() for name, (_, _, run) in runs.items()}
     rows = []
     for name, (variant, recipe, run) in runs.items():
         marker = run.model / "graft-train.json"
-        rows.append(Row(name, variant.overrides, compute_verdict(recipe, run.read_metrics()),
+        rows.append(Row(name, variant.overrides, compute_verdict(recipe, metrics[name]),
                         read_json(marker) if marker.is_file() else {}))
     # final bits per byte, not changes: variants may start from different models (an extended vocabulary starts
     # from its resized base), and bits per byte compare across tokenizers
@@ -181,29 +182,25 @@ def write_compare_report(parent: RunDir, runs: dict[str, tuple[Variant, Recipe, 
     folder = parent.root / "compare"
     write_json_atomic(folder / "summary.json", summary)
 
-    head = "".join(f"<th>{html.escape(role)} {html.escape(name)}<br>{'bpb' if kind == 'text' else 'accuracy'} (Δ)</th>"
-                   for role, kind, name in sets)
-    body = ""
+    table_rows = []
     for r in sorted(rows, key=lambda r: (r.variant not in front, r.mean_bpb("target") or 0)):
         by_set = {(c.role, c.kind, c.name): c for c in (r.verdict.changes if r.verdict else [])}
-        cells = "".join(_delta_cell(by_set.get(s)) for s in sets)
         speed = (f"{r.training['tokens'] / r.training['elapsed_s']:,.0f}"
                  if r.training.get("tokens") and r.training.get("elapsed_s") else "—")
         trainable = r.training.get("trainable_parameters") or [{}]
-        body += (f"<tr><td class='name'>{html.escape(r.variant)}</td>"
-                 f"<td class='name'>{html.escape(' '.join(r.overrides))}</td>"
-                 f"{cells}<td>{_number(r.mean_bpb('target'))}</td><td>{_number(r.mean_bpb('source'))}</td>"
-                 f"<td>{'yes' if r.variant in front else ''}</td>"
-                 f"<td>{trainable[-1].get('parameters', 0):,}</td><td>{speed}</td></tr>")
-    table = ("<table><tr><th>variant</th><th>overrides</th>" + head + "<th>target bpb (mean)</th>"
-             "<th>source bpb (mean)</th><th>Pareto</th><th>trainable parameters</th><th>tokens/s</th></tr>"
-             + body + "</table>")
+        table_rows.append((r.variant, " ".join(r.overrides), *(_change_cell(by_set.get(s)) for s in sets),
+                           _number(r.mean_bpb("target")), _number(r.mean_bpb("source")),
+                           "yes" if r.variant in front else "", f"{trainable[-1].get('parameters', 0):,}", speed))
+    table = html_table(("variant", "overrides",
+                        *(f"{role} {name} {'bpb' if kind == 'text' else 'accuracy'} (Δ)" for role, kind, name in sets),
+                        "target bpb (mean)", "source bpb (mean)", "Pareto", "trainable parameters", "tokens/s"),
+                       table_rows, text_columns=2)
     figures = [plots.pareto_scatter(points, front, plots.variant_colors(list(runs))),
-               plots.compare_curves({n: run.read_metrics() for n, (_, _, run) in runs.items()}, "text"),
-               plots.compare_curves({n: run.read_metrics() for n, (_, _, run) in runs.items()}, "choice")]
+               plots.compare_curves(metrics, "text"), plots.compare_curves(metrics, "choice")]
     links = "".join(f"<li><a href='{html.escape(name)}/report.html'>{html.escape(name)}</a></li>" for name in runs)
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>graftlm · compare {html.escape(parent.root.name)}"
-            f"</title><style>{STYLE}</style></head><body><h1>graftlm comparison: {html.escape(parent.root.name)}</h1>"
+    title = html.escape(parent.root.name)
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>graftlm · compare {title}</title>"
+            f"<style>{STYLE}</style></head><body><h1>graftlm comparison: {title}</h1>"
             f"<p class='muted'>{len(runs)} variants of one recipe, the same data and budget · "
             f"{html.escape(str(folder))}</p><h2>Gain against loss</h2>"
             "<p class='summary'>Each variant's final model: bits per byte (lower is better; comparable across "
@@ -216,11 +213,12 @@ def write_compare_report(parent: RunDir, runs: dict[str, tuple[Variant, Recipe, 
     return folder / "report.html"
 
 
-def _delta_cell(change) -> str:
+def _change_cell(change) -> str | tuple[str, str]:
+    """`final (Δ)`, coloured by whether the change is for the better."""
     if change is None:
-        return "<td>—</td>"
+        return "—"
     mark = "better" if change.better else ("worse" if change.delta else "")
-    return f"<td>{change.final:.4f} <span class='{mark}'>({change.delta:+.4f})</span></td>"
+    return f"{change.final:.4f} ({change.delta:+.4f})", mark
 
 
 def _number(value: float | None) -> str:

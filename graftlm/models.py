@@ -76,6 +76,8 @@ def load_model(spec: str, dtype: "torch.dtype | None" = None, trust_remote_code:
 
     _quiet_transformers()
     source = resolve_model(spec)
+    if source.kind == "gguf":
+        _quiet_gguf_dequantisation()
     location, extra = source.from_pretrained_args()
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -90,13 +92,17 @@ def load_model(spec: str, dtype: "torch.dtype | None" = None, trust_remote_code:
 
 def _quiet_transformers() -> None:
     """graftlm shows its own progress; transformers' per-tensor bars would bury it."""
-    import functools
-
-    import transformers.modeling_gguf_pytorch_utils as gguf_loading
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    # the GGUF dequantisation bar is a plain tqdm that the switch above does not reach
+
+
+def _quiet_gguf_dequantisation() -> None:
+    """The GGUF dequantisation bar is a plain tqdm that transformers' progress switch does not reach."""
+    import functools
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_loading
+
     if not isinstance(gguf_loading.tqdm, functools.partial):
         gguf_loading.tqdm = functools.partial(gguf_loading.tqdm, disable=True)
 

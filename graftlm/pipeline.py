@@ -54,7 +54,7 @@ def _merge(recipe: Recipe, run: RunDir) -> None:
 
 def _report(recipe: Recipe, run: RunDir) -> None:
     from graftlm.progress import console
-    from graftlm.report.page import build_report, verdict_table
+    from graftlm.report.page import build_report, verdict_table, wall_time
 
     verdict = build_report(recipe, run)
     console.print(verdict_table(verdict))
@@ -63,8 +63,7 @@ def _report(recipe: Recipe, run: RunDir) -> None:
     trained = read_json(run.model / "graft-train.json") if (run.model / "graft-train.json").is_file() else {}
     timings = read_json(run.timings) if run.timings.is_file() else {}
     if trained:
-        log(f"tokens trained: {trained['tokens']:,}; wall time: {sum(timings.values()) / 60:.1f} min "
-            f"({', '.join(f'{k} {v:.0f}s' for k, v in timings.items() if v >= 0.5)})")
+        log(f"tokens trained: {trained['tokens']:,}; wall time {wall_time(timings)}")
     log(f"report: {run.report}")
 
 

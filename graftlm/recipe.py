@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from graftlm.config import Section, resolve_model_spec
+from graftlm.config import ModelSpec, Section
 from graftlm.curate.config import CurateConfig
 from graftlm.data.config import MixtureConfig, PackConfig, SourceConfig
 from graftlm.errors import RecipeError
@@ -34,7 +34,7 @@ DEMO_RECIPE = "recipes/demo-vi.yaml"
 class Recipe(Section):
     name: str
     """The run's name: its outputs go to `runs/<name>/`."""
-    base_model: str = DEFAULT_BASE_MODEL
+    base_model: ModelSpec = DEFAULT_BASE_MODEL
     """`smollm2-135m` (bundled), a Hugging Face folder, a .gguf file, or a hub id."""
     trust_remote_code: bool = False
     sources: dict[str, SourceConfig] = Field(min_length=1)
@@ -56,12 +56,6 @@ class Recipe(Section):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
             raise ValueError(f"must be letters, digits, '.', '_' or '-' (it names a folder), got {name!r}")
         return name
-
-    @field_validator("base_model")
-    @classmethod
-    def _resolve_base_model(cls, spec: str, info) -> str:
-        """A base model that names an existing file or folder becomes an absolute path; anything else is kept."""
-        return resolve_model_spec(spec, info)
 
     @model_validator(mode="after")
     def _mixture_names_sources(self) -> "Recipe":

@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from graftlm.data.config import PackConfig, SourceConfig
-from graftlm.data.read import COMPRESSIONS, ReadStats, read_documents, resolve_paths
+from graftlm.data.read import ReadStats, read_documents, resolve_paths, text_bytes
 from graftlm.errors import DataError
 from graftlm.models import tokenizer_files
 from graftlm.progress import bytes_progress, log
@@ -96,8 +96,7 @@ def pack_source(name: str, source: SourceConfig, tokenizer_dir: str | Path, out_
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
     dtype = token_dtype(len(tokenizer))
     stats = ReadStats()
-    compressed = any(f.endswith(COMPRESSIONS) for f in files)
-    total_bytes = None if compressed else sum(Path(f).stat().st_size for f in files)  # text size is unknown
+    total_bytes = text_bytes(files)
     started = time.perf_counter()
     with atomic_dir(out_dir) as tmp, ShardWriter(tmp, dtype, config.shard_tokens) as writer, \
             bytes_progress() as progress:

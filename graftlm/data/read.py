@@ -46,6 +46,14 @@ class ReadStats:
 OnBad = Callable[[str, str], None]  # (message, reason) -> None, or raises DataError
 
 
+def text_bytes(files: list[str]) -> int | None:
+    """The bytes of text in `files` (for progress bars), or None when one is compressed: its text size is unknown
+    until it is read."""
+    if any(f.endswith(COMPRESSIONS) for f in files):
+        return None
+    return sum(os.path.getsize(f) for f in files)
+
+
 def resolve_paths(source: SourceConfig, name: str = "") -> list[str]:
     """The files a source names, in a stable order; a missing file or an empty glob is an error."""
     files: list[str] = []

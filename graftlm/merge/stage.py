@@ -67,7 +67,7 @@ def run_merge(recipe: Recipe, run: RunDir) -> Path | None:
     if config is None:
         if run.merged.exists():
             shutil.rmtree(run.merged)
-            run.write_metrics([r for r in run.read_metrics() if r.get("model") != MERGED])
+            run.write_metrics(_without_merged(run.read_metrics()))
         return None
     marker = run.model / "graft-train.json"
     if not marker.is_file():
@@ -112,12 +112,17 @@ def run_merge(recipe: Recipe, run: RunDir) -> Path | None:
     log(f"merge: wrote {run.merged}")
 
     evaluator = build_evaluator(recipe, tokenizer)
-    kept = [r for r in run.read_metrics() if r.get("model") != MERGED]
+    kept = _without_merged(run.read_metrics())
     if evaluator is not None:
         kept.append({"step": trained["step"], "tokens": trained["tokens"], "model": MERGED,
                      "eval": evaluator(model)})
     run.write_metrics(kept)
     return run.merged
+
+
+def _without_merged(metrics: list[dict]) -> list[dict]:
+    """metrics.jsonl less the evaluations of a merged model (made again whenever the merge is)."""
+    return [r for r in metrics if r.get("model") != MERGED]
 
 
 def _trained_folders(run: RunDir, count: int, final_step: int) -> list[Path]:

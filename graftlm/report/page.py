@@ -116,19 +116,17 @@ def _verdict_section(verdict: Verdict | None, training: dict, timings: dict) -> 
     trained = (f"<p>{tokens:,} tokens in {training.get('step')} steps, {elapsed:,.0f} s of training{speed}; "
                f"{training.get('skipped_steps', 0)} skipped steps.</p>" if tokens else "")
     if timings:
-        trained += (f"<p>Wall time {sum(timings.values()) / 60:.1f} min: "
-                    + ", ".join(f"{stage} {seconds:,.0f} s" for stage, seconds in timings.items() if seconds >= 0.5)
-                    + " (training includes its evaluations).</p>")
+        trained += f"<p>Wall time {wall_time(timings)} (training includes its evaluations).</p>"
     rows = [row[:5] + ((row[5], row[5].split()[-1]),) for row in verdict_rows(verdict)]
     return (f"<h2>Verdict</h2><p class='summary'>{_e(verdict.summary())}</p>{trained}"
-            + _table(("role", "set", "metric", "base", "trained", "change"), rows, text_columns=3))
+            + html_table(("role", "set", "metric", "base", "trained", "change"), rows, text_columns=3))
 
 
 def _data_section(run: RunDir) -> str:
     parts = []
     manifests = [read_json(p) for p in sorted(run.packed.glob("*/manifest.json"))] if run.packed.is_dir() else []
     if manifests:
-        parts.append("<h3>Packed training data</h3>" + _table(
+        parts.append("<h3>Packed training data</h3>" + html_table(
             ("source", "documents", "MB", "tokens", "tokens/byte", "skipped records"),
             [(m["source"], f"{m['documents']:,}", f"{m['bytes'] / 1e6:.2f}", f"{m['tokens']:,}",
               f"{m['tokens'] / max(m['bytes'], 1):.3f}", str(sum(m.get("read", {}).get("skipped", {}).values())))
@@ -150,7 +148,7 @@ def _curation(stats: dict) -> str:
     return (f"<h3>Curation of {_e(stats['source'])}</h3><p>{stats['input']['documents']:,} documents in, "
             f"{stats['output']['documents']:,} out ({stats['output']['bytes'] / 1e6:.2f} MB) in "
             f"{stats['seconds']['total']:.1f} s; duplicate-cluster sizes (size: clusters): {_e(clusters) or '-'}.</p>"
-            + _table(("step", "documents in", "documents out", "MB out", "dropped (reason count)"), rows,
+            + html_table(("step", "documents in", "documents out", "MB out", "dropped (reason count)"), rows,
                      text_columns=1, last_text=True))
 
 
@@ -162,19 +160,19 @@ def _vocabulary(stats: dict) -> str:
     page = (f"<h3>Vocabulary extension</h3><p>{stats['new_tokens']:,} new tokens learned from "
             f"'{_e(stats['source'])}' ({stats['family']}), new rows initialised by {_e(stats['init'])}; "
             f"examples: {_e(' '.join(stats['examples'][:20]))}</p>"
-            + _table(("language", "tokens/word before", "after", "tokens/byte before", "after",
+            + html_table(("language", "tokens/word before", "after", "tokens/byte before", "after",
                       "documents tokenised as before"), rows, text_columns=1))
     step0 = stats.get("bpb_before_training") or {}
     if step0:
         sets = list(step0["base"])
         page += ("<p>Bits per byte before any training: the unextended base, and the extended model under each "
                  "way of starting the new rows (this run uses " + _e(stats["init"]) + ").</p>"
-                 + _table(("model", *sets), [(name, *(f"{bpb[s]:.4f}" for s in sets)) for name, bpb in step0.items()],
-                          text_columns=1))
+                 + html_table(("model", *sets),
+                              [(name, *(f"{bpb[s]:.4f}" for s in sets)) for name, bpb in step0.items()]))
     return page
 
 
-def _table(headers: tuple[str, ...], rows, text_columns: int = 1, last_text: bool = False) -> str:
+def html_table(headers: tuple[str, ...], rows, text_columns: int = 1, last_text: bool = False) -> str:
     """An HTML table; the first `text_columns` (and, with `last_text`, the last) are left-aligned text. A cell may be
     a (text, css class) pair."""
     def cell(value, index: int, width: int) -> str:
@@ -187,6 +185,12 @@ def _table(headers: tuple[str, ...], rows, text_columns: int = 1, last_text: boo
                    for i, h in enumerate(headers))
     body = "".join("<tr>" + "".join(cell(v, i, len(row)) for i, v in enumerate(row)) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def wall_time(timings: dict[str, float]) -> str:
+    """`9.0 min: base 19 s, curate 10 s, ...` from timings.json (stages under half a second left out)."""
+    stages = ", ".join(f"{stage} {seconds:,.0f} s" for stage, seconds in timings.items() if seconds >= 0.5)
+    return f"{sum(timings.values()) / 60:.1f} min: {stages}"
 
 
 def embed_png(png: bytes) -> str:

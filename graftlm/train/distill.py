@@ -117,11 +117,10 @@ class ReplayKL:
         self.distiller = distiller
         batch, length = targets.shape
         self.teacher_rows = teacher_hidden.flatten(0, 1)
-        # each token's row in teacher_rows, -1 for the tokens of sequences that are not replayed
-        sequence_row = torch.full((batch,), -1, dtype=torch.long, device=targets.device)
-        sequence_row[replay] = torch.arange(int(replay.sum()), device=targets.device)
-        where = sequence_row[:, None] * length + torch.arange(length, device=targets.device)
-        self.where = where.masked_fill_(~replay[:, None], -1).flatten()
+        # each token's row in teacher_rows (the replayed tokens in order), -1 for the tokens of other sequences
+        replayed = replay[:, None].expand(batch, length).flatten()
+        self.where = torch.full((batch * length,), -1, dtype=torch.long, device=targets.device)
+        self.where[replayed] = torch.arange(int(replayed.sum()), device=targets.device)
         self.targets = targets.flatten()
         self.total = torch.zeros((), dtype=torch.float32, device=targets.device)
 

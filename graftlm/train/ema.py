@@ -26,8 +26,8 @@ class EMA:
 
     @torch.no_grad()
     def update(self) -> None:
-        for shadow, param in zip(self.shadow, self.params):
-            shadow.lerp_(param.detach().float(), 1.0 - self.decay)
+        # one fused call: a loop of lerp_ launches a kernel per parameter after every optimizer step
+        torch._foreach_lerp_(self.shadow, [param.detach().float() for param in self.params], 1.0 - self.decay)
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:

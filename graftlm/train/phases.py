@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from graftlm.train.config import TrainConfig
+from graftlm.train.config import StageConfig, TrainConfig
 from graftlm.train.schedule import ScheduleConfig, lr_multiplier
 
 
@@ -31,10 +31,8 @@ class Phase:
 
 
 def plan_phases(cfg: TrainConfig) -> list[Phase]:
-    if not cfg.stages:
-        return [Phase(0, 0, cfg.total_steps, "all", cfg.lr, cfg.schedule)]
     phases, start = [], 0
-    for index, (stage, steps) in enumerate(zip(cfg.stages, cfg.stage_steps())):
+    for index, (stage, steps) in enumerate(zip(cfg.stages or [StageConfig()], cfg.stage_steps())):
         phases.append(Phase(index, start, steps, stage.train, stage.lr or cfg.lr, stage.schedule or cfg.schedule))
         start += steps
     return phases

@@ -17,7 +17,7 @@ from typing import Iterator
 
 from graftlm.data.config import SourceConfig
 from graftlm.data.pack import training_source
-from graftlm.data.read import ReadStats, read_documents, resolve_paths
+from graftlm.data.read import ReadStats, read_documents, resolve_paths, text_bytes
 from graftlm.errors import DataError, GraftError
 from graftlm.progress import bytes_progress, log
 from graftlm.recipe import Recipe
@@ -58,8 +58,9 @@ def run_vocab(recipe: Recipe, run: RunDir) -> dict:
     family = tokenizer_family(base_json)
     read = ReadStats()
     sample: list[str] = []
-    needs_similar = config.init == "weighted" or (config.compare_inits and bool(recipe.eval.text))
-    texts = _training_text(source, name, config.train_bytes, read, sample if needs_similar else None)
+    compare = config.compare_inits and bool(recipe.eval.text)
+    needs_similar = config.init == "weighted" or compare
+    texts = _training_text(source, name, files, config.train_bytes, read, sample if needs_similar else None)
     train_vocab = config.new_tokens * TRAIN_VOCAB_PER_NEW_TOKEN + 1000
     trained = train_target_tokenizer(texts, base_json, train_vocab, config.min_frequency)
     if read.documents == 0:
@@ -71,14 +72,17 @@ def run_vocab(recipe: Recipe, run: RunDir) -> dict:
         raise DataError(f"sources.{name}: the text offers no token worth adding (vocab.min_frequency="
                         f"{config.min_frequency}, vocab.ascii_tokens={str(config.ascii_tokens).lower()})")
 
-    from graftlm.models import load_model, save_model
+    from graftlm.models import load_model, load_tokenizer, save_model
 
     with atomic_dir(run.vocab) as tmp:
         tokenizer = write_tokenizer(run.base, extension, tmp / "model")
         model = load_model(str(run.base), trust_remote_code=recipe.trust_remote_code)
-        base_tokenizer = _load_tokenizer(run.base)
-        compare = config.compare_inits and bool(recipe.eval.text)
-        step0 = {"base": _text_bpb(recipe, base_tokenizer, model)} if compare else {}
+        base_tokenizer = load_tokenizer(str(run.base), trust_remote_code=recipe.trust_remote_code)
+        if compare:  # the eval text is read and tokenised once per tokenizer, then scored under every init
+            extended_eval = _text_evaluator(recipe, tokenizer)
+            step0 = {"base": _text_bpb(_text_evaluator(recipe, base_tokenizer), model)}
+        else:
+            step0 = {}
         rows = grow_embeddings(model, extension.first_id, len(extension.tokens), config.pad_to_multiple_of,
                                config.init)
         similar = None
@@ -88,7 +92,7 @@ def run_vocab(recipe: Recipe, run: RunDir) -> dict:
             similar = similar_tokens(documents, rows, excluded=tokenizer.all_special_ids, seed=config.seed)
         for init in INITS if compare else ():
             initialise_rows(model, rows, init, extension.base_pieces, similar, config.seed)
-            step0[init] = _text_bpb(recipe, tokenizer, model)
+            step0[init] = _text_bpb(extended_eval, model)
             log(f"vocab: before training, init {init}: " + ", ".join(f"{k} {v:.3f}" for k, v in step0[init].items())
                 + " bits/byte")
         initialise_rows(model, rows, config.init, extension.base_pieces, similar, config.seed)
@@ -116,18 +120,24 @@ def run_vocab(recipe: Recipe, run: RunDir) -> dict:
     return stats
 
 
-def _text_bpb(recipe: Recipe, tokenizer, model) -> dict[str, float]:
-    """Bits per byte of `model` on each `eval.text` set (the during-training subsets)."""
+def _text_evaluator(recipe: Recipe, tokenizer):
+    """The recipe's `eval.text` sets (the during-training subsets), read and tokenised with `tokenizer`."""
     from graftlm.evaluate.suite import Evaluator
 
-    evaluator = Evaluator.from_config(recipe.eval.model_copy(update={"choice": {}}), tokenizer)
+    return Evaluator.from_config(recipe.eval.model_copy(update={"choice": {}}), tokenizer)
+
+
+def _text_bpb(evaluator, model) -> dict[str, float]:
+    """Bits per byte of `model` on each of the evaluator's text sets."""
     return {name: round(result["bpb"], 4) for name, result in evaluator(model)["text"].items()}
 
 
-def _training_text(source: SourceConfig, name: str, limit: int, read: ReadStats,
+def _training_text(source: SourceConfig, name: str, files: list[str], limit: int, read: ReadStats,
                    sample: list[str] | None) -> Iterator[str]:
-    """The target documents, up to `limit` bytes, with a progress bar; the first few MB also go to `sample`."""
-    total = min(limit, sum(Path(f).stat().st_size for f in resolve_paths(source, name)))
+    """The target documents of `files`, up to `limit` bytes, with a progress bar; the first few MB also go to
+    `sample`."""
+    size = text_bytes(files)
+    total = limit if size is None else min(limit, size)
     sampled = 0
     with bytes_progress() as progress:
         task = progress.add_task(f"vocab: train on {name}", total=total)
@@ -157,12 +167,6 @@ def write_tokenizer(base_dir: Path, extension: Extension, folder: Path):
         raise GraftError(f"vocab: transformers does not load the merged tokenizer as written "
                          f"({type(tokenizer).__name__} rebuilt it); please report this base model")
     return tokenizer
-
-
-def _load_tokenizer(folder: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(folder))
 
 
 def _describe_tokens(extension: Extension, tokenizer) -> Iterator[dict]:
