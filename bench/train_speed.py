@@ -1,6 +1,6 @@
 """Training throughput and peak memory: graftlm's loop against the Hugging Face Trainer, same model, data and batch.
 
-    .venv/bin/python bench/train_speed.py [--steps 4] [--batch-tokens 8192] [--micro-batch 4]
+    .venv/bin/python bench/train_speed.py [--steps 4] [--batch-tokens 8192] [--micro-batch 2]
 
 Full continued pre-training of SmolLM2-135M at seq 512 under bf16 on the CPU. Each contender runs in its own
 process (so peak RSS is its own); tokens/s is measured over the steps after the first (warm-up). Prints both, the
