@@ -45,16 +45,16 @@ def sequences(run_root: Path, count: int):
 
 
 def worker_graftlm(run_root: Path, steps: int, batch_tokens: int, micro: int, loss: str = "chunked") -> list[float]:
+    from graftlm.pipeline import run_stages
     from graftlm.recipe import load_recipe
     from graftlm.runs import RunDir
-    from graftlm.train.loop import train
 
     recipe = load_recipe(REPO / "recipes/demo-vi.yaml", [
         "name=bench", "curate=null", "vocab=null", "mixture={vi: 1.0}", f"train.max_steps={steps}",
         f"train.batch_tokens={batch_tokens}", f"train.micro_batch_size={micro}", "train.checkpoint_every=0",
         f"train.seq_len={SEQ_LEN}", f"train.loss={loss}", "eval.text={}", "eval.choice={}"])
     run = RunDir(run_root)
-    train(recipe, run, fresh=True)
+    run_stages(recipe, run, ("train",), options={"train": {"fresh": True}})
     return [r["tokens_per_s"] for r in run.read_metrics() if "loss" in r]
 
 

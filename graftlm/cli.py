@@ -28,9 +28,13 @@ def _load(recipe: Optional[Path], overrides: List[str]):
     return load_recipe(recipe, overrides)
 
 
+FreshOpt = typer.Option(False, "--fresh", help="Discard the training checkpoints and train from the start again.")
+
+
 def _run_stages(recipe: Optional[Path], overrides: List[str], runs_dir: Path, stages: tuple[str, ...] | None = None,
-                section: str | None = None, hint: str = ""):
-    """Load the recipe and run `stages` (all by default) into its run directory; `section` must be in the recipe."""
+                section: str | None = None, hint: str = "", fresh: bool = False):
+    """Load the recipe and bring `stages` (all by default) and the stages they need up to date in its run
+    directory; `section` must be in the recipe."""
     from graftlm.pipeline import STAGES, run_stages
     from graftlm.runs import RunDir
 
@@ -38,14 +42,15 @@ def _run_stages(recipe: Optional[Path], overrides: List[str], runs_dir: Path, st
     if section is not None and getattr(loaded, section) is None:
         raise GraftError(f"{section}: the recipe has no {section} section (add one, or --set {hint})")
     run_dir = RunDir.for_recipe(loaded, runs_dir)
-    run_stages(loaded, run_dir, stages or tuple(STAGES))
+    run_stages(loaded, run_dir, stages or tuple(STAGES), options={"train": {"fresh": fresh}})
     return run_dir
 
 
 @app.command()
-def run(recipe: Optional[Path] = RecipeArg, set_: List[str] = SetOpt, runs_dir: Path = RunsOpt) -> None:
+def run(recipe: Optional[Path] = RecipeArg, set_: List[str] = SetOpt, runs_dir: Path = RunsOpt,
+        fresh: bool = FreshOpt) -> None:
     """Run every stage of a recipe in order into runs/<name>/, skipping stages already complete."""
-    log(f"run: done -> {_run_stages(recipe, set_, runs_dir).root}")
+    log(f"run: done -> {_run_stages(recipe, set_, runs_dir, fresh=fresh).root}")
 
 
 @app.command()
@@ -65,7 +70,7 @@ def curate(recipe: Optional[Path] = RecipeArg, set_: List[str] = SetOpt, runs_di
 @app.command()
 def vocab(recipe: Optional[Path] = RecipeArg, set_: List[str] = SetOpt, runs_dir: Path = RunsOpt) -> None:
     """Extend the vocabulary for the target language (the stages before it run first when needed)."""
-    _run_stages(recipe, set_, runs_dir, ("base", "curate", "vocab"), "vocab", "vocab.new_tokens=8000")
+    _run_stages(recipe, set_, runs_dir, ("vocab",), "vocab", "vocab.new_tokens=8000")
 
 
 @app.command("eval")
@@ -108,20 +113,16 @@ def eval_(
 
 @app.command()
 def train(recipe: Optional[Path] = RecipeArg, set_: List[str] = SetOpt, runs_dir: Path = RunsOpt,
-          fresh: bool = typer.Option(False, "--fresh", help="Discard checkpoints and start over.")) -> None:
-    """Continue pre-training on the recipe's mixture; resumes from the latest checkpoint by itself."""
-    from graftlm.runs import RunDir
-    from graftlm.train.loop import train as train_model
-
-    loaded = _load(recipe, set_)
-    run_dir = RunDir.for_recipe(loaded, runs_dir)
-    run_dir.write_recipe(loaded)
-    train_model(loaded, run_dir, fresh=fresh)
+          fresh: bool = FreshOpt) -> None:
+    """Continue pre-training on the recipe's mixture (preparing its data first when needed); resumes from the
+    latest checkpoint by itself."""
+    _run_stages(recipe, set_, runs_dir, ("train",), fresh=fresh)
 
 
 @app.command()
 def merge(recipe: Optional[Path] = RecipeArg, set_: List[str] = SetOpt, runs_dir: Path = RunsOpt) -> None:
-    """Average, interpolate or add a chat vector to the trained model (the recipe's merge: section), and evaluate it."""
+    """Average, interpolate or add a chat vector to the trained model (the recipe's merge: section), and evaluate it
+    (training it first when needed)."""
     _run_stages(recipe, set_, runs_dir, ("merge",), "merge", "merge.alpha=0.5")
 
 
@@ -140,11 +141,11 @@ def compare(recipe: Optional[Path] = RecipeArg,
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="A run directory, e.g. runs/demo-vi.")) -> None:
     """Rebuild a run's report.html (and its model card) from what the run wrote."""
-    from graftlm.pipeline import STAGES
     from graftlm.report.page import load_run
+    from graftlm.report.stage import Report
 
     loaded, run_dir_ = load_run(run_dir)
-    STAGES["report"](loaded, run_dir_)
+    Report(loaded, run_dir_).run(None, "")  # a reader: no timing, nothing else of the run rewritten
 
 
 @recipe_app.command("show")

@@ -31,11 +31,12 @@ from graftlm.recipe import Recipe, load_recipe
 from graftlm.report import plots
 from graftlm.report.page import STYLE, embed_png, html_table
 from graftlm.report.verdict import Verdict, compute_verdict
-from graftlm.runs import RunDir, read_json, write_json_atomic, write_text_atomic
+from graftlm.runs import RunDir, write_json_atomic, write_text_atomic
 
-DATA_KEYS = ("base_model", "trust_remote_code", "sources", "curate", "vocab", "pack")
+DATA_KEYS = tuple(dict.fromkeys(key for name in PREPARE_STAGES for key in STAGES[name].recipe_keys))
 """Recipe keys whose change needs other prepared data."""
-SHARED_FOLDERS = ("base", "curated", "vocab", "packed")
+SHARED_FOLDERS = tuple(output for name in PREPARE_STAGES for output in STAGES[name].outputs)
+"""The prepared data's folders (RunDir attributes), linked into every variant that shares it."""
 
 
 @dataclass(frozen=True)
@@ -115,9 +116,9 @@ def run_compare(recipe_path: Path | None, overrides: list[str], varies: list[str
         run = RunDir(parent.root / "compare" / variant.name, extended_vocab=variant_recipe.vocab is not None)
         if variant.changes_data:
             run_stages(variant_recipe, run, tuple(STAGES))
-        else:
+        else:  # the prepared data is the recipe's own, linked, and not to be touched
             _link_prepared(parent, run)
-            run_stages(variant_recipe, run, tuple(s for s in STAGES if s not in PREPARE_STAGES))
+            run_stages(variant_recipe, run, tuple(s for s in STAGES if s not in PREPARE_STAGES), needs=False)
         runs[variant.name] = (variant, variant_recipe, run)
     page = write_compare_report(parent, runs)
     log(f"compare: {page}")
@@ -128,7 +129,7 @@ def _link_prepared(parent: RunDir, run: RunDir) -> None:
     """The variant's base/, curated/, vocab/, packed/ are links to the recipe's own."""
     run.root.mkdir(parents=True, exist_ok=True)
     for name in SHARED_FOLDERS:
-        link, target = run.root / name, parent.root / name
+        link, target = getattr(run, name), getattr(parent, name)
         if target.exists() and not link.exists():
             link.symlink_to(os.path.relpath(target, run.root), target_is_directory=True)
 
@@ -162,9 +163,7 @@ def write_compare_report(parent: RunDir, runs: dict[str, tuple[Variant, Recipe, 
     metrics = {name: run.read_metrics() for name, (_, _, run) in runs.items()}
     rows = []
     for name, (variant, recipe, run) in runs.items():
-        marker = run.model / "graft-train.json"
-        rows.append(Row(name, variant.overrides, compute_verdict(recipe, metrics[name]),
-                        read_json(marker) if marker.is_file() else {}))
+        rows.append(Row(name, variant.overrides, compute_verdict(recipe, metrics[name]), run.training_summary()))
     # final bits per byte, not changes: variants may start from different models (an extended vocabulary starts
     # from its resized base), and bits per byte compare across tokenizers
     points = {r.variant: (r.mean_bpb("source"), r.mean_bpb("target")) for r in rows

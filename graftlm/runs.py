@@ -16,9 +16,10 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-from graftlm.recipe import Recipe
+if TYPE_CHECKING:
+    from graftlm.recipe import Recipe
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class RunDir:
     """Whether training starts from the vocabulary-extended model; None: whenever one is there."""
 
     @classmethod
-    def for_recipe(cls, recipe: Recipe, runs_dir: str | os.PathLike = "runs") -> "RunDir":
+    def for_recipe(cls, recipe: "Recipe", runs_dir: str | os.PathLike = "runs") -> "RunDir":
         return cls(Path(runs_dir) / recipe.name, extended_vocab=recipe.vocab is not None)
 
     recipe = property(lambda self: self.root / "recipe.yaml")
@@ -43,6 +44,10 @@ class RunDir:
     metrics = property(lambda self: self.root / "metrics.jsonl")
     report = property(lambda self: self.root / "report.html")
     timings = property(lambda self: self.root / "timings.json")
+    base_marker = property(lambda self: self.base / "graft-base.json")
+    train_marker = property(lambda self: self.model / "graft-train.json")
+    """What training wrote last: steps, tokens, seconds, tokens per source (the report and compare read it)."""
+    merge_marker = property(lambda self: self.merged / "graft-merge.json")
 
     @property
     def start_model(self) -> Path:
@@ -53,7 +58,7 @@ class RunDir:
             return extended if (extended / "config.json").is_file() else self.base
         return extended if self.extended_vocab else self.base
 
-    def write_recipe(self, recipe: Recipe) -> None:
+    def write_recipe(self, recipe: "Recipe") -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.recipe, recipe.to_yaml())
 
@@ -70,6 +75,10 @@ class RunDir:
 
     def write_metrics(self, records: list[dict[str, Any]]) -> None:
         write_text_atomic(self.metrics, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+    def training_summary(self) -> dict[str, Any]:
+        """The trained model's record (`train_marker`), or {} before training finished."""
+        return read_json(self.train_marker) if self.train_marker.is_file() else {}
 
     @property
     def final_model(self) -> Path:

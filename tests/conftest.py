@@ -49,6 +49,13 @@ def tiny_model_dir(tmp_path_factory, smol_tokenizer_dir) -> Path:
     return folder
 
 
+def train(recipe, run, fresh: bool = False, on_step_end=None) -> None:
+    """The train stage through the stage runner (its inputs prepared first when needed)."""
+    from graftlm.pipeline import run_stages
+
+    run_stages(recipe, run, ("train",), options={"train": {"fresh": fresh, "on_step_end": on_step_end}})
+
+
 def run_graft(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     """Run the `graft` command in-process; returns (exit code, stdout, stderr)."""
     from graftlm.cli import main

@@ -7,12 +7,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import kill_training_mid_run, run_graft, write_tiny_recipe
+from conftest import kill_training_mid_run, run_graft, train, write_tiny_recipe
 from graftlm.errors import RecipeError
 from graftlm.pipeline import run_stages
 from graftlm.recipe import load_recipe
 from graftlm.runs import RunDir
-from graftlm.train.loop import train
 from graftlm.vocab.init import VOCAB_ROWS_FILE, VocabRows
 
 TRAIN = "seq_len: 32, batch_tokens: 128, max_steps: 6, lr: 1.0e-2, checkpoint_every: 3, micro_batch_size: 2"
@@ -110,8 +109,8 @@ def test_new_rows_stage_leaves_the_base_rows_bit_identical_then_all_train(make_r
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.stages=[{train: embeddings}, {train: all}]", "stages.0: set max_tokens or max_steps"),
-    ("train.stages=[{train: embeddings, max_steps: 2}, {train: all, max_steps: 2}]", "the last stage runs to"),
+    ("train.stages=[{train: embeddings}, {train: all}]", "phases.0: set max_tokens or max_steps"),
+    ("train.phases=[{train: embeddings, max_steps: 2}, {train: all, max_steps: 2}]", "the last phase runs to"),
     ("train.stages=[{train: embeddings, max_steps: 6}, {train: all}]", "nothing is left for the last"),
     ("train.method=freeze", "choose what trains"),
     ("train.freeze.layers=['1..3']", "expected an index or a range"),
@@ -126,7 +125,7 @@ def test_recipe_mistakes_name_their_key(make_run, tmp_path, tiny_model_dir, over
 
 def test_sigkill_then_resume_is_exact_with_lora_stages_ema_and_distillation(make_run):
     overrides = ["train.method=lora", "train.lora.embeddings=new_rows", "train.lora.dropout=0.1",
-                 "train.stages=[{train: new_rows, max_steps: 4}, {train: all, lr: 0.005}]", "train.max_steps=10",
+                 "train.phases=[{train: new_rows, max_steps: 4}, {train: all, lr: 0.005}]", "train.max_steps=10",
                  "train.ema={decay: 0.8}", "train.distill={weight: 0.5, temperature: 2.0}"]
     path, recipe, run = make_run(*overrides)
     train(recipe, run)

@@ -103,3 +103,42 @@ def test_a_recipe_extends_another(tmp_path):
 def test_bundled_recipes_load():
     for path in sorted((REPO / "recipes").glob("*.yaml")):
         assert load_recipe(path).name == path.stem
+
+
+# ---- one target language --------------------------------------------------------------------------------------
+
+def _mixed(mixture: dict, langs: dict, **extra):
+    from graftlm.recipe import validate_recipe
+
+    data = REPO / "data/en/debian_handbook.jsonl"
+    return validate_recipe({"name": "t", "sources": {n: {"paths": [str(data)], **({"lang": lang} if lang else {})}
+                                                     for n, lang in langs.items()},
+                            "mixture": mixture, "curate": {}, "vocab": {}, "train": {"distill": {}}, **extra})
+
+
+def test_target_language_is_not_the_heaviest_source_but_the_language_besides_english():
+    from graftlm.report.verdict import compute_verdict
+
+    recipe = _mixed({"vi": 0.4, "en": 0.6}, {"vi": "vi", "en": "en"},
+                    eval={"text": {"vi": str(REPO / "data/eval/sib200/vie_Latn/dev.tsv"),
+                                   "en": str(REPO / "data/eval/sib200/eng_Latn/dev.tsv")}})
+    assert recipe.target_language == "vi"
+    assert recipe.vocab_source() == "vi"  # the vocabulary grows for Vietnamese,
+    assert recipe.replay_sources() == ["en"]  # distillation runs on English,
+    assert recipe.curated_sources() == ["vi"]  # curation cleans the Vietnamese,
+    records = [{"step": s, "eval": {"text": {"vi": {"bpb": 2.0 - s}, "en": {"bpb": 1.3}}, "choice": {}}}
+               for s in (0, 1)]
+    roles = {c.name: c.role for c in compute_verdict(recipe, records).changes}
+    assert roles == {"vi": "target", "en": "source"}  # and the verdict calls Vietnamese the target
+
+
+def test_an_ambiguous_target_asks_for_target_and_target_settles_it():
+    langs = {"vi": "vi", "id": "id", "en": "en", "code": None}
+    with pytest.raises(RecipeError, match=r"^target: the mixture holds several languages besides en \(id, vi\)"):
+        _mixed({"vi": 0.3, "id": 0.3, "en": 0.4}, langs)
+    recipe = _mixed({"vi": 0.3, "id": 0.3, "en": 0.4, "code": 0.1}, langs, target="id")
+    assert recipe.target_language == "id" and recipe.replay_sources() == ["vi", "en", "code"]
+    assert _mixed({"vi": 0.7, "en": 0.2, "code": 0.1}, langs).target_language == "vi"  # code has no lang
+    assert _mixed({"en": 1.0}, {"en": "en"}).target_language == "en"  # English domain adaptation
+    with pytest.raises(RecipeError, match="^target: 'xx' is not the language of any source"):
+        _mixed({"vi": 1.0}, {"vi": "vi"}, target="xx")

@@ -6,7 +6,7 @@ import pytest
 from conftest import run_graft
 from graftlm.recipe import load_recipe
 from graftlm.report.page import build_report
-from graftlm.report.verdict import compute_verdict, target_language
+from graftlm.report.verdict import compute_verdict
 from graftlm.runs import RunDir
 
 RECIPE = """
@@ -47,7 +47,7 @@ def run(tmp_path):
 
 def test_verdict_splits_target_gain_from_source_loss(run):
     recipe, run_dir = run
-    assert target_language(recipe) == "vi"
+    assert recipe.target_language == "vi"
     verdict = compute_verdict(recipe, run_dir.read_metrics())
     by_name = {c.name: c for c in verdict.changes}
     assert by_name["vi"].role == "target" and by_name["vi"].delta == pytest.approx(-0.4) and by_name["vi"].better

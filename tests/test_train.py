@@ -8,12 +8,12 @@ import sys
 import pytest
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO, kill_training_mid_run, run_graft, write_tiny_recipe
+from conftest import REPO, kill_training_mid_run, run_graft, train, write_tiny_recipe
 from graftlm.errors import GraftError
 from graftlm.pipeline import run_stages
 from graftlm.recipe import load_recipe
 from graftlm.runs import RunDir
-from graftlm.train.loop import TrainingDiverged, train
+from graftlm.train.callbacks import TrainingDiverged
 
 TRAIN = ("seq_len: 32, batch_tokens: 256, max_steps: 12, lr: 1.0e-3, checkpoint_every: 3, keep_checkpoints: 2, "
          "micro_batch_size: 3")

@@ -14,7 +14,6 @@ from graftlm.data.read import read_documents
 from graftlm.evaluate.bpb import load_text_set
 from graftlm.recipe import validate_recipe
 from graftlm.runs import RunDir
-from graftlm.vocab.config import target_source
 from graftlm.vocab.extend import (BYTE_LEVEL, SENTENCEPIECE, BpeTable, extend_tokenizer, is_word_piece,
                                   merge_pairs, token_bytes, tokenizer_family, train_target_tokenizer)
 from graftlm.vocab.init import (VocabRows, grow_embeddings, initialise_rows, similar_tokens, sparsemax,
@@ -309,17 +308,17 @@ def test_sparsemax():
 
 def _recipe(**vocab):
     return validate_recipe({
-        "name": "t", "sources": {"en": {"paths": [EN_EVAL], "lang": "en"}, "vi": {"paths": [VI_EVAL], "lang": "vi"},
-                                 "id": {"paths": [EN_EVAL], "lang": "id"}},
-        "mixture": {"en": 0.2, "vi": 0.3, "id": 0.5}, "vocab": vocab})
+        "name": "t", "sources": {"en": {"paths": [EN_EVAL], "lang": "en"}, "wiki": {"paths": [VI_EVAL], "lang": "vi"},
+                                 "news": {"paths": [EN_EVAL], "lang": "vi"}},
+        "mixture": {"en": 0.6, "wiki": 0.3, "news": 0.1}, "vocab": vocab})
 
 
-def test_target_source():
-    assert target_source(_recipe()) == "id"  # the largest non-English weight
-    assert target_source(_recipe(source="vi")) == "vi"
+def test_vocab_source_is_the_heaviest_target_language_source():
+    assert _recipe().vocab_source() == "wiki"  # vi is the target although English weighs more
+    assert _recipe(source="news").vocab_source() == "news"
     no_langs = validate_recipe({"name": "t", "sources": {"a": {"paths": [EN_EVAL]}, "b": {"paths": [EN_EVAL]}},
                                 "mixture": {"a": 1, "b": 2}, "vocab": {}})
-    assert target_source(no_langs) == "b"
+    assert no_langs.vocab_source() == "b"
     with pytest.raises(Exception, match="vocab.source: not a source"):
         _recipe(source="xx")
 

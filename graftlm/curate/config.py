@@ -130,7 +130,7 @@ class FiltersConfig(Section):
 
 
 class MinhashSettings(_Switchable):
-    """datatrove's MinHash near-duplicate removal (its four stages). The defaults catch copies that differ in ~5%
+    """datatrove's MinHash near-duplicate removal (its four steps). The defaults catch copies that differ in ~5%
     of their words (5-gram Jaccard ~0.6); FineWeb's 14 buckets x 8 hashes only catch ~0.75 and above."""
 
     words: Literal["language", "whitespace"] = "language"

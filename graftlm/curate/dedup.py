@@ -1,11 +1,11 @@
-"""MinHash near-duplicate removal with datatrove's four stages, keeping each cluster's size for rehydration.
+"""MinHash near-duplicate removal with datatrove's four steps, keeping each cluster's size for rehydration.
 
     1. MinhashDedupSignature  (one task per input shard)  signatures of word n-grams, split into buckets
     2. MinhashDedupBuckets    (one task per bucket)       documents whose signatures collide in a bucket
     3. MinhashDedupCluster    (one task)                  union-find over the pairs: clusters, their sizes
     4. ClusterSizeDedupFilter (one task per input shard)  keeps one document per cluster, labelled with its size
 
-Stages 1 and 4 must read the same shards in the same order (same reader, same number of tasks): stage 3 names
+Steps 1 and 4 must read the same shards in the same order (same reader, same number of tasks): step 3 names
 documents by (shard, index).
 """
 
@@ -41,23 +41,23 @@ class WhitespaceWords(WordTokenizer):
         return [(0, len(text))]
 
 
-def signature_stage(folder: str, settings: MinhashSettings, lang: str) -> MinhashDedupSignature:
+def signature_step(folder: str, settings: MinhashSettings, lang: str) -> MinhashDedupSignature:
     words = WhitespaceWords() if settings.words == "whitespace" else word_splitter(lang)
     return MinhashDedupSignature(output_folder=f"{folder}/signatures", config=minhash_config(settings),
                                  language=words)
 
 
-def buckets_stage(folder: str, config: MinhashConfig) -> MinhashDedupBuckets:
+def buckets_step(folder: str, config: MinhashConfig) -> MinhashDedupBuckets:
     return MinhashDedupBuckets(input_folder=f"{folder}/signatures", output_folder=f"{folder}/buckets", config=config)
 
 
-def cluster_stage(folder: str, config: MinhashConfig) -> MinhashDedupCluster:
+def cluster_step(folder: str, config: MinhashConfig) -> MinhashDedupCluster:
     return MinhashDedupCluster(input_folder=f"{folder}/buckets", output_folder=f"{folder}/remove_ids",
                                config=config, save_cluster_size=True)
 
 
 class ClusterSizeDedupFilter(MinhashDedupFilter):
-    """datatrove's stage 4 with `minhash_cluster_size` on every kept document.
+    """datatrove's step 4 with `minhash_cluster_size` on every kept document.
 
     datatrove only reads a shard's cluster sizes when the shard also lost a document; a shard whose documents are
     all the kept members of their clusters would come out without sizes (and without rehydration). An empty

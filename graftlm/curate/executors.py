@@ -1,9 +1,9 @@
-"""Running the curation stages with datatrove's executors: local processes, Slurm jobs or Ray tasks.
+"""Running the curation jobs with datatrove's executors: local processes, Slurm jobs or Ray tasks.
 
-Each stage is one datatrove executor with its own logging folder (task logs, per-task stats, completion marks).
-Local and Ray executors run a stage to its end before the next starts; Slurm executors are chained with
-`depends` and submitted at once. A stage that was interrupted resumes where it stopped: datatrove skips the tasks
-it marked complete.
+Curation runs as a few jobs (filter, MinHash signatures, buckets, clusters, dedup, finalize), each one datatrove
+executor with its own logging folder (task logs, per-task stats, completion marks). Local and Ray executors run a
+job to its end before the next starts; Slurm executors are chained with `depends` and submitted at once. A job that
+was interrupted resumes where it stopped: datatrove skips the tasks it marked complete.
 """
 
 from __future__ import annotations
@@ -24,19 +24,21 @@ from graftlm.progress import bytes_progress
 
 
 @dataclass
-class Stage:
+class Job:
+    """A datatrove pipeline run by one executor over `tasks` shards (a Slurm job array on a cluster)."""
+
     name: str
     pipeline: list[PipelineStep]
     tasks: int
     logging_dir: Path
     progress_folder: Path | None = None
-    """Where the stage's first Meter reports the bytes it saw, for a progress bar (None: a quick stage)."""
+    """Where the job's first Meter reports the bytes it saw, for a progress bar (None: a quick job)."""
     progress_total: Callable[[], int] = lambda: 0
-    """The bytes the stage will see, asked when it starts (after the stages before it have run)."""
+    """The bytes the job will see, asked when it starts (after the jobs before it have run)."""
 
 
 FORKSERVER_PRELOAD = ["__main__", "graftlm.curate.stage", "spacy", "pyvi.ViTokenizer"]
-"""Imported once by the server that forks the worker processes of every stage: spaCy (behind datatrove's word
+"""Imported once by the server that forks the worker processes of every job: spaCy (behind datatrove's word
 tokenizers) and pyvi (Vietnamese) take seconds to import, a worker's whole share of a small corpus."""
 
 
@@ -67,15 +69,15 @@ class QuietLocalExecutor(LocalPipelineExecutor):
                 logger.remove()  # the sinks datatrove left on the closed devnull
 
 
-def make_executor(config: CurateConfig, stage: Stage, job_name: str, depends=None):
-    common = dict(pipeline=stage.pipeline, tasks=stage.tasks, workers=min(config.workers, stage.tasks),
-                  logging_dir=str(stage.logging_dir), **config.executor_options)
+def make_executor(config: CurateConfig, job: Job, job_name: str, depends=None):
+    common = dict(pipeline=job.pipeline, tasks=job.tasks, workers=min(config.workers, job.tasks),
+                  logging_dir=str(job.logging_dir), **config.executor_options)
     if config.executor == "local":
         return QuietLocalExecutor(**common)
     if config.executor == "slurm":
         from datatrove.executor import SlurmPipelineExecutor
 
-        return SlurmPipelineExecutor(**common, job_name=f"{job_name}-{stage.name}", depends=depends)
+        return SlurmPipelineExecutor(**common, job_name=f"{job_name}-{job.name}", depends=depends)
     import ray
     from datatrove.executor import RayPipelineExecutor
 
@@ -84,32 +86,32 @@ def make_executor(config: CurateConfig, stage: Stage, job_name: str, depends=Non
     return RayPipelineExecutor(**common)
 
 
-def run_stages(config: CurateConfig, stages: list[Stage], job_name: str, label: str) -> None:
-    """Run the stages in order (local, ray), or submit them as chained Slurm jobs."""
+def run_jobs(config: CurateConfig, jobs: list[Job], job_name: str, label: str) -> None:
+    """Run the jobs in order (local, ray), or submit them as chained Slurm jobs."""
     if config.executor == "slurm":
         executor = None
-        for stage in stages:
-            executor = make_executor(config, stage, job_name, depends=executor)
+        for job in jobs:
+            executor = make_executor(config, job, job_name, depends=executor)
         executor.run()  # launches its dependencies first
         return
     with bytes_progress() as progress:
-        for stage in stages:
-            executor = make_executor(config, stage, job_name)
-            if stage.progress_folder is None:  # a quick stage: an indeterminate bar while it runs
-                task = progress.add_task(f"curate {label}: {stage.name}", total=None)
+        for job in jobs:
+            executor = make_executor(config, job, job_name)
+            if job.progress_folder is None:  # a quick job: an indeterminate bar while it runs
+                task = progress.add_task(f"curate {label}: {job.name}", total=None)
                 executor.run()
                 progress.remove_task(task)
                 continue
-            total = stage.progress_total()
-            task = progress.add_task(f"curate {label}: {stage.name}", total=total)
-            with _polled(progress, task, stage.progress_folder):
+            total = job.progress_total()
+            task = progress.add_task(f"curate {label}: {job.name}", total=total)
+            with _polled(progress, task, job.progress_folder):
                 executor.run()
             progress.update(task, completed=total)
 
 
 @contextlib.contextmanager
 def _polled(progress, task, folder: Path):
-    """Moves the bar with the bytes the stage's tasks report, while the executor runs in this thread."""
+    """Moves the bar with the bytes the job's tasks report, while the executor runs in this thread."""
     stop = threading.Event()
 
     def poll() -> None:

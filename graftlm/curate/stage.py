@@ -24,9 +24,8 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.writers import JsonlWriter
 
 from graftlm.curate.config import CurateConfig
-from graftlm.curate.dedup import (ClusterSizeDedupFilter, buckets_stage, cluster_stage, minhash_config,
-                                  signature_stage)
-from graftlm.curate.executors import Stage, run_stages
+from graftlm.curate.dedup import ClusterSizeDedupFilter, buckets_step, cluster_step, minhash_config, signature_step
+from graftlm.curate.executors import Job, run_jobs
 from graftlm.curate.filters import FILTER_CLASSES, filter_settings, quality_filters
 from graftlm.curate.langid import LanguageIdFilter, normalize_language, threshold_for
 from graftlm.curate.reader import IntermediateReader, SourceReader
@@ -36,38 +35,59 @@ from graftlm.data.config import SourceConfig
 from graftlm.data.read import resolve_paths
 from graftlm.errors import DataError, GraftError, RecipeError
 from graftlm.progress import log
-from graftlm.recipe import Recipe
-from graftlm.runs import RunDir, atomic_dir, file_signature, fingerprint, read_json, write_json_atomic
+from graftlm.runs import atomic_dir, file_signature, fingerprint, read_json, write_json_atomic
+from graftlm.stage import Stage
 
 CURATE_FORMAT = 1
 EXECUTION_KEYS = {"sources", "executor", "executor_options", "workers", "tasks"}
 
 
-def run_curate(recipe: Recipe, run: RunDir) -> dict[str, dict]:
-    """Curate every source the recipe's `curate:` section names; returns each source's stats."""
-    names = curated_sources(recipe)
-    if not names:
-        log("curate: no source has a `lang`, nothing to curate")
-    return {name: curate_source(recipe.name, name, recipe.sources[name], recipe.curate, run.curated)
-            for name in names}
+class Curate(Stage):
+    """One unit per curated source (`Recipe.curated_sources`)."""
+
+    name = "curate"
+    prepares_data = True
+    recipe_keys = ("sources", "curate")
+    outputs = ("curated",)
+
+    def enabled(self):
+        return self.recipe.curate is not None
+
+    def units(self):
+        names = self.recipe.curated_sources()
+        if not names:
+            log("curate: no target-language source has a `lang`, nothing to curate (see curate.sources)")
+        return names
+
+    def marker(self, unit):
+        return self.run_dir.curated / unit / "stats.json"
+
+    def fingerprint(self, unit):
+        source = self.recipe.sources[unit]
+        return [CURATE_FORMAT, self.recipe.curate.model_dump(mode="json", exclude=EXECUTION_KEYS),
+                source.model_dump(mode="json"), [file_signature(f) for f in resolve_paths(source, unit)]]
+
+    def up_to_date(self, unit, key):
+        done = super().up_to_date(unit, key)
+        if done:
+            shutil.rmtree(self.run_dir.curated / ".work" / unit, ignore_errors=True)  # what a Slurm run leaves
+        return done
+
+    def run(self, unit, key):
+        stats = curate_source(self.recipe.name, unit, self.recipe.sources[unit], self.recipe.curate,
+                              self.run_dir.curated, key)
+        if stats["output"]["documents"] == 0:
+            raise DataError(f"sources.{unit}: curation kept no document; see {self.marker(unit)} and "
+                            f"{self.run_dir.curated / 'excluded' / unit}")
 
 
-def curated_sources(recipe: Recipe) -> list[str]:
-    return recipe.curate.sources or [name for name, source in recipe.sources.items() if source.lang]
-
-
-def curate_source(run_name: str, name: str, source: SourceConfig, config: CurateConfig, curated: Path) -> dict:
+def curate_source(run_name: str, name: str, source: SourceConfig, config: CurateConfig, curated: Path,
+                  key: str) -> dict:
+    """Run the curation jobs of one source into `curated/<name>/`, stats.json (holding `key`) last."""
     lang = normalize_language(source.lang)
     _check_word_tokenizer(name, lang)
     files = resolve_paths(source, name)
-    key = fingerprint(CURATE_FORMAT, config.model_dump(mode="json", exclude=EXECUTION_KEYS),
-                      source.model_dump(mode="json"), [file_signature(f) for f in files])
     final, work = curated / name, curated / ".work" / name
-    if (final / "stats.json").is_file() and read_json(final / "stats.json").get("fingerprint") == key:
-        shutil.rmtree(work, ignore_errors=True)  # what a Slurm run leaves behind
-        log(f"curate: {name} is up to date ({final})")
-        return _kept_something(name, read_json(final / "stats.json"), final)
-
     tasks = config.tasks or config.workers
     _open_work_dir(work, fingerprint(key, tasks, config.executor))
     if (work / "submitted.json").is_file():
@@ -75,12 +95,12 @@ def curate_source(run_name: str, name: str, source: SourceConfig, config: Curate
                          f"run again when they are done, or delete {work} to submit them again")
     header = {"source": name, "lang": lang, "fingerprint": key, "files": [file_signature(f) for f in files],
               "executor": config.executor, "tasks": tasks, "settings": _settings(config, lang)}
-    stages = plan_stages(name, source, lang, config, work, tasks, files)
-    finalize = Finalize(header, work, final, curated / "excluded" / name, {s.name: str(s.logging_dir) for s in stages})
-    stages.append(Stage("finalize", [finalize], 1, work / "logs/finalize"))
-    run_stages(config, stages, job_name=f"graft-{run_name}-{name}", label=name)
+    jobs = plan_jobs(name, source, lang, config, work, tasks, files)
+    finalize = Finalize(header, work, final, curated / "excluded" / name, {j.name: str(j.logging_dir) for j in jobs})
+    jobs.append(Job("finalize", [finalize], 1, work / "logs/finalize"))
+    run_jobs(config, jobs, job_name=f"graft-{run_name}-{name}", label=name)
     if config.executor == "slurm":
-        write_json_atomic(work / "submitted.json", {"stages": [s.name for s in stages]})
+        write_json_atomic(work / "submitted.json", {"jobs": [j.name for j in jobs]})
         raise GraftError(f"curate: submitted the curation of '{name}' to Slurm (logs: {work / 'logs'}); "
                          f"run the same command again when the jobs are done")
     stats = read_json(final / "stats.json")
@@ -88,12 +108,12 @@ def curate_source(run_name: str, name: str, source: SourceConfig, config: Curate
     with contextlib.suppress(OSError):
         work.parent.rmdir()  # .work/, once no source is left in it
     _log_summary(name, stats)
-    return _kept_something(name, stats, final)
+    return stats
 
 
-def plan_stages(name: str, source: SourceConfig, lang: str, config: CurateConfig, work: Path, tasks: int,
-                files: list[str]) -> list[Stage]:
-    """The datatrove stages that curate one source, in order (without the final one)."""
+def plan_jobs(name: str, source: SourceConfig, lang: str, config: CurateConfig, work: Path, tasks: int,
+              files: list[str]) -> list[Job]:
+    """The datatrove jobs that curate one source, in order (without the final one)."""
 
     def excluded(step: str) -> JsonlWriter:
         return JsonlWriter(str(work / "excluded" / step), output_filename="${filter_reason}/${rank}.jsonl.gz")
@@ -107,46 +127,46 @@ def plan_stages(name: str, source: SourceConfig, lang: str, config: CurateConfig
         steps += [step, Meter(step_name)]
     last_meter = steps[-1]
     last_meter.progress_folder = last_meter.progress_folder or str(work / "progress/kept")
-    stages = [Stage("filter", steps + [JsonlWriter(kept)], tasks, work / "logs/filter", work / "progress/read",
-                    lambda: sum(os.path.getsize(f) for f in files))]
+    jobs = [Job("filter", steps + [JsonlWriter(kept)], tasks, work / "logs/filter", work / "progress/read",
+                lambda: sum(os.path.getsize(f) for f in files))]
     if not deduplicate:
-        return stages
+        return jobs
 
     def kept_bytes() -> int:
         return progress_bytes(last_meter.progress_folder)
 
-    def reread(stage: str) -> list[PipelineStep]:
+    def reread(job: str) -> list[PipelineStep]:
         return [IntermediateReader(kept, glob_pattern="*.jsonl.gz", add_file_path=False),
-                Meter(progress_folder=str(work / "progress" / stage))]
+                Meter(progress_folder=str(work / "progress" / job))]
 
     minhash, folder = minhash_config(config.minhash), str(work / "minhash")
     duplicates = JsonlWriter(str(work / "excluded/minhash"), output_filename="duplicate/${rank}.jsonl.gz")
-    return stages + [
-        Stage("minhash_signatures", reread("signatures") + [signature_stage(folder, config.minhash, lang)], tasks,
-              work / "logs/signatures", work / "progress/signatures", kept_bytes),
-        Stage("minhash_buckets", [buckets_stage(folder, minhash)], minhash.num_buckets, work / "logs/buckets"),
-        Stage("minhash_clusters", [cluster_stage(folder, minhash)], 1, work / "logs/clusters"),
-        Stage("dedup_rehydrate", reread("dedup") + [ClusterSizeDedupFilter(folder, duplicates), Meter("minhash"),
-                                                    Rehydrate(config.rehydrate), Meter("rehydrate"),
-                                                    JsonlWriter(str(work / "output"))],
-              tasks, work / "logs/dedup", work / "progress/dedup", kept_bytes),
+    return jobs + [
+        Job("minhash_signatures", reread("signatures") + [signature_step(folder, config.minhash, lang)], tasks,
+            work / "logs/signatures", work / "progress/signatures", kept_bytes),
+        Job("minhash_buckets", [buckets_step(folder, minhash)], minhash.num_buckets, work / "logs/buckets"),
+        Job("minhash_clusters", [cluster_step(folder, minhash)], 1, work / "logs/clusters"),
+        Job("dedup_rehydrate", reread("dedup") + [ClusterSizeDedupFilter(folder, duplicates), Meter("minhash"),
+                                                  Rehydrate(config.rehydrate), Meter("rehydrate"),
+                                                  JsonlWriter(str(work / "output"))],
+            tasks, work / "logs/dedup", work / "progress/dedup", kept_bytes),
     ]
 
 
 class Finalize(PipelineStep):
-    """The last stage (one task, so that it also runs as the last Slurm job): stats.json from the stages'
+    """The last job (one task, so that it also runs as the last Slurm job): stats.json from the jobs'
     counters, then the excluded documents and the output moved into place, stats.json last."""
 
     type = "🏁 - FINALIZE"
     name = "graftlm curated output"
 
-    def __init__(self, header: dict, work: Path, final: Path, excluded: Path, stage_logs: dict[str, str]):
+    def __init__(self, header: dict, work: Path, final: Path, excluded: Path, job_logs: dict[str, str]):
         super().__init__()
         self.header, self.work, self.final, self.excluded = header, str(work), str(final), str(excluded)
-        self.stage_logs = stage_logs
+        self.job_logs = job_logs
 
     def run(self, data=None, rank: int = 0, world_size: int = 1) -> None:
-        stats = build_stats(self.stage_logs, self.header)
+        stats = build_stats(self.job_logs, self.header)
         with atomic_dir(self.excluded) as tmp:
             _link_tree(Path(self.work, "excluded"), tmp)
         with atomic_dir(self.final) as tmp:
@@ -194,13 +214,6 @@ def _settings(config: CurateConfig, lang: str) -> dict:
         "minhash": config.minhash.enabled and config.minhash.model_dump(exclude={"enabled"}),
         "rehydrate": config.minhash.enabled and config.rehydrate,
     }
-
-
-def _kept_something(name: str, stats: dict, final: Path) -> dict:
-    if stats["output"]["documents"] == 0:
-        raise DataError(f"sources.{name}: curation kept no document; see {final / 'stats.json'} and "
-                        f"{final.parent / 'excluded' / name}")
-    return stats
 
 
 def _log_summary(name: str, stats: dict) -> None:

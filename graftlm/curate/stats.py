@@ -134,17 +134,17 @@ def step_table(stats: list[Stats]) -> list[dict]:
     return steps
 
 
-def build_stats(stage_logs: dict[str, str], header: dict) -> dict:
-    """stats.json: `header` (source, fingerprint, settings...) and what the stages counted."""
-    blocks = [block for logs in stage_logs.values() for block in merged_stats(logs)]
+def build_stats(job_logs: dict[str, str], header: dict) -> dict:
+    """stats.json: `header` (source, fingerprint, settings...) and what the jobs counted."""
+    blocks = [block for logs in job_logs.values() for block in merged_stats(logs)]
     steps = step_table(blocks)
     reader = _block(blocks, SourceReader)
     languages = {lang: {"documents": count, "bytes": _with_prefix(_block(blocks, LanguageIdFilter),
                                                                       "language_bytes_").get(lang, 0)}
                  for lang, count in _with_prefix(_block(blocks, LanguageIdFilter), "language_docs_").items()}
     clusters = {int(size): count for size, count in _with_prefix(_block(blocks, Rehydrate), "cluster_size_").items()}
-    times = {stage: wall for stage, logs in stage_logs.items() if (wall := wall_seconds(logs))}
-    seconds = {stage: round(end - start, 3) for stage, (start, end) in times.items()}
+    times = {job: wall for job, logs in job_logs.items() if (wall := wall_seconds(logs))}
+    seconds = {job: round(end - start, 3) for job, (start, end) in times.items()}
     total_seconds = (max(end for _, end in times.values()) - min(start for start, _ in times.values())
                      if times else 0.0)
     read, written = steps[0], steps[-1]

@@ -5,7 +5,7 @@
 
 Documents are tokenised without special tokens and each is followed by EOS. A reader thread parses the files
 while the tokenizer (Rust, all cores, GIL released) encodes the previous batch, so both cores stay busy. The same
-inputs and tokenizer give byte-identical shards; unchanged inputs skip the work.
+inputs and tokenizer give byte-identical shards.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from graftlm.data.read import ReadStats, read_documents, resolve_paths, text_byt
 from graftlm.errors import DataError
 from graftlm.models import tokenizer_files
 from graftlm.progress import bytes_progress, log
-from graftlm.runs import RunDir, atomic_dir, file_signature, fingerprint, hash_files, read_json, write_json_atomic
+from graftlm.runs import atomic_dir, file_signature, fingerprint, hash_files, read_json, write_json_atomic
 
 PACK_FORMAT = 1
 
@@ -78,19 +78,21 @@ def load_fast_tokenizer(folder: str | Path):
     return tokenizer
 
 
+def pack_inputs(name: str, source: SourceConfig, tokenizer_dir: str | Path, config: PackConfig) -> list:
+    """What a packed source depends on (its fingerprint): the source's settings and files, the tokenizer, the
+    packing settings."""
+    files = resolve_paths(source, name)
+    return [PACK_FORMAT, source.model_dump(mode="json"), [file_signature(f) for f in files],
+            hash_files(tokenizer_files(tokenizer_dir)), config.model_dump(mode="json")]
+
+
 def pack_source(name: str, source: SourceConfig, tokenizer_dir: str | Path, out_dir: str | Path,
-                config: PackConfig = PackConfig()) -> dict:
-    """Pack one source into `out_dir` unless the manifest there says the same inputs were packed already."""
+                config: PackConfig = PackConfig(), key: str | None = None) -> dict:
+    """Pack one source into `out_dir` (replaced atomically); manifest.json, holding `key`, is written last."""
     out_dir = Path(out_dir)
     tok_hash = hash_files(tokenizer_files(tokenizer_dir))
     files = resolve_paths(source, name)
-    key = fingerprint(PACK_FORMAT, source.model_dump(mode="json"), [file_signature(f) for f in files], tok_hash,
-                      config.model_dump(mode="json"))
-    manifest_path = out_dir / "manifest.json"
-    if manifest_path.is_file() and read_json(manifest_path).get("fingerprint") == key:
-        log(f"pack: {name} is up to date ({out_dir})")
-        return read_json(manifest_path)
-
+    key = key or fingerprint(*pack_inputs(name, source, tokenizer_dir, config))
     tokenizer = load_fast_tokenizer(tokenizer_dir)
     backend, eos = tokenizer.backend_tokenizer, tokenizer.eos_token_id
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
@@ -119,22 +121,6 @@ def pack_source(name: str, source: SourceConfig, tokenizer_dir: str | Path, out_
     log(f"pack: {name}: {stats.documents:,} documents, {stats.bytes / 1e6:.1f} MB -> {writer.tokens:,} tokens "
         f"in {seconds:.1f}s ({manifest['mb_per_s']:.2f} MB/s)")
     return manifest
-
-
-def pack_all(recipe, run: RunDir) -> dict[str, dict]:
-    """The `pack` stage: every source of the recipe (its curated text when curation ran) with the run's tokenizer."""
-    return {name: pack_source(name, training_source(run, name, source), run.start_model, run.packed / name,
-                              recipe.pack)
-            for name, source in recipe.sources.items()}
-
-
-def training_source(run: RunDir, name: str, source: SourceConfig) -> SourceConfig:
-    """What training reads for a source: the curated documents when curation finished for it, else the raw ones."""
-    curated = run.curated / name
-    if (curated / "stats.json").is_file():
-        return SourceConfig(paths=[str(curated / "*.jsonl.gz")], format="jsonl", text_field="text",
-                            lang=source.lang)
-    return source
 
 
 def _join_with_eos(ids: list[list[int]], eos: int, dtype: np.dtype) -> np.ndarray:

@@ -45,6 +45,13 @@ class Evaluator:
                        for name, s in choice.items()}
 
     @classmethod
+    def for_recipe(cls, config: EvalConfig, tokenizer: "PreTrainedTokenizerBase") -> "Evaluator | None":
+        """The evaluator of a recipe's `eval:` section; None when the section names no set."""
+        if not (config.text or config.choice):
+            return None
+        return cls.from_config(config, tokenizer)
+
+    @classmethod
     def from_config(cls, config: EvalConfig, tokenizer: "PreTrainedTokenizerBase") -> "Evaluator":
         """Read and tokenise every set of `config` (a bad file fails here, before any model work)."""
         text = {name: load_text_set(path, tokenizer, config.text_field) for name, path in config.text.items()}

@@ -20,13 +20,15 @@ from pathlib import Path
 import torch
 
 from graftlm.errors import GraftError
+from graftlm.evaluate.suite import Evaluator
+from graftlm.models import load_model, load_tokenizer, save_model
 from graftlm.progress import log
 from graftlm.recipe import Recipe
-from graftlm.runs import RunDir, fingerprint, read_json
+from graftlm.runs import RunDir
+from graftlm.stage import Stage
 from graftlm.train.checkpoint import complete_checkpoints
 
 Weights = dict[str, torch.Tensor]
-MERGE_MARKER = "graft-merge.json"
 MERGED = "merged"
 """The `model` tag of the merged model's evaluation in metrics.jsonl."""
 
@@ -60,33 +62,46 @@ def add_task_vector(weights: Weights, instruct: Weights, base: Weights, scale: f
     return merged, skipped
 
 
-def run_merge(recipe: Recipe, run: RunDir) -> Path | None:
-    """Write runs/<name>/merged/ and evaluate it, unless it is up to date; without a merge section, remove what an
-    earlier recipe merged so that the trained model is the run's result again."""
-    config = recipe.merge
-    if config is None:
-        if run.merged.exists():
-            shutil.rmtree(run.merged)
-            run.write_metrics(_without_merged(run.read_metrics()))
-        return None
-    marker = run.model / "graft-train.json"
-    if not marker.is_file():
-        raise GraftError(f"merge: {run.model} is not trained yet; run `graft train` first")
-    trained = read_json(marker)
+class Merge(Stage):
+    name = "merge"
+    needs = ("train",)
+    outputs = ("merged",)
+
+    def enabled(self):
+        return self.recipe.merge is not None
+
+    def when_disabled(self):
+        """Without a merge section, what an earlier recipe merged goes, so the trained model is the result again."""
+        if self.run_dir.merged.exists():
+            shutil.rmtree(self.run_dir.merged)
+            self.run_dir.write_metrics(_without_merged(self.run_dir.read_metrics()))
+
+    def marker(self, unit):
+        return self.run_dir.merge_marker
+
+    def fingerprint(self, unit):
+        recipe, run = self.recipe, self.run_dir
+        trained = run.training_summary()
+        if not trained:
+            raise GraftError(f"merge: {run.model} is not trained yet")
+        folders = _trained_folders(run, recipe.merge.average_last, trained["step"])
+        return [recipe.merge.model_dump(mode="json"), trained["fingerprint"], [str(f) for f in folders],
+                str(run.start_model), recipe.eval.model_dump(mode="json")]
+
+    def up_to_date(self, unit, key):
+        evaluated = (any(r.get("model") == MERGED for r in self.run_dir.read_metrics())
+                     or not (self.recipe.eval.text or self.recipe.eval.choice))
+        return super().up_to_date(unit, key) and evaluated
+
+    def run(self, unit, key):
+        merge_and_evaluate(self.recipe, self.run_dir, key)
+
+
+def merge_and_evaluate(recipe: Recipe, run: RunDir, key: str) -> Path:
+    """Write runs/<name>/merged/ (its marker holding `key`) and evaluate it as the last record of metrics.jsonl."""
+    config, chat = recipe.merge, recipe.merge.chat_vector
+    trained = run.training_summary()
     folders = _trained_folders(run, config.average_last, trained["step"])
-    chat = config.chat_vector
-    key = fingerprint(config.model_dump(mode="json"), trained["fingerprint"], [str(f) for f in folders],
-                      str(run.start_model), recipe.eval.model_dump(mode="json"))
-    done = run.merged / MERGE_MARKER
-    evaluated = any(r.get("model") == MERGED for r in run.read_metrics()) or not (recipe.eval.text or
-                                                                                 recipe.eval.choice)
-    if done.is_file() and read_json(done).get("fingerprint") == key and evaluated:
-        log(f"merge: {run.merged} is up to date")
-        return run.merged
-
-    from graftlm.models import load_model, save_model
-    from graftlm.train.loop import build_evaluator, load_run_tokenizer
-
     model = load_model(str(folders[-1]), trust_remote_code=recipe.trust_remote_code)
     weights = {name: p.detach() for name, p in model.named_parameters()}
     if len(folders) > 1:
@@ -103,15 +118,15 @@ def run_merge(recipe: Recipe, run: RunDir) -> Path | None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(weights[name])
-    tokenizer = load_run_tokenizer(run)
+    tokenizer = load_tokenizer(str(run.start_model), recipe.trust_remote_code)
     record = {"fingerprint": key, "averaged": [str(f) for f in folders], "alpha": config.alpha,
               "start_model": str(run.start_model),
               "chat_vector": chat.model_dump(mode="json") if chat else None, "not_in_chat_vector": skipped,
               "step": trained["step"], "tokens": trained["tokens"]}
-    save_model(model, tokenizer, run.merged, extra_files={MERGE_MARKER: json.dumps(record, indent=2)})
+    save_model(model, tokenizer, run.merged, extra_files={run.merge_marker.name: json.dumps(record, indent=2)})
     log(f"merge: wrote {run.merged}")
 
-    evaluator = build_evaluator(recipe, tokenizer)
+    evaluator = Evaluator.for_recipe(recipe.eval, tokenizer)
     kept = _without_merged(run.read_metrics())
     if evaluator is not None:
         kept.append({"step": trained["step"], "tokens": trained["tokens"], "model": MERGED,
@@ -137,7 +152,5 @@ def _trained_folders(run: RunDir, count: int, final_step: int) -> list[Path]:
 
 
 def _weights(spec, recipe: Recipe) -> Weights:
-    from graftlm.models import load_model
-
     model = load_model(str(spec), trust_remote_code=recipe.trust_remote_code)
     return {name: p.detach() for name, p in model.named_parameters()}

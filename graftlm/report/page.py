@@ -48,7 +48,7 @@ def build_report(recipe: Recipe, run: RunDir) -> Verdict | None:
     target = verdict.target if verdict else None
     figures = [plots.loss_and_lr(metrics), plots.eval_curves(metrics, "text", target, {}),
                plots.eval_curves(metrics, "choice", target, langs), plots.tokens_by_source(metrics)]
-    training = _training_summary(run)
+    training = run.training_summary()
     sections = [
         f"<h1>graftlm run: {_e(recipe.name)}</h1>",
         f"<p class='muted'>base model {_e(recipe.base_model)} · {_e(str(run.root))}</p>",
@@ -100,11 +100,6 @@ def model_card(recipe: Recipe, verdict: Verdict | None, training: dict) -> str:
               "model = AutoModelForCausalLM.from_pretrained(PATH)", "tokenizer = AutoTokenizer.from_pretrained(PATH)",
               "```", ""]
     return "\n".join(lines)
-
-
-def _training_summary(run: RunDir) -> dict:
-    marker = run.model / "graft-train.json"
-    return read_json(marker) if marker.is_file() else {}
 
 
 def _verdict_section(verdict: Verdict | None, training: dict, timings: dict) -> str:

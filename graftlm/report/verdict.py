@@ -2,7 +2,7 @@
 
 Every evaluation record in metrics.jsonl is `{"step", "tokens", "eval": {"text": {...}, "choice": {...}}}`; the
 first is the base model (step 0), the last the trained one. A set belongs to the target language when its
-language (the `eval.text` key, or a choice set's `lang`) is the language of the mixture's heaviest source.
+language (the `eval.text` key, or a choice set's `lang`) is the recipe's target language (`Recipe.target_language`).
 """
 
 from __future__ import annotations
@@ -53,12 +53,6 @@ class Verdict:
         return "; ".join(parts) + f". Source-language bpb {kept} the margin of {self.margin_bpb:+.3f}."
 
 
-def target_language(recipe: Recipe) -> str:
-    weights = recipe.mixture_weights()
-    heaviest = max(weights, key=lambda name: weights[name])
-    return recipe.sources[heaviest].lang or heaviest
-
-
 def eval_records(metrics: list[dict]) -> list[dict]:
     return [r for r in metrics if "eval" in r]
 
@@ -69,7 +63,7 @@ def compute_verdict(recipe: Recipe, metrics: list[dict]) -> Verdict | None:
     if len(records) < 2:
         return None
     first, last = records[0], records[-1]
-    target = target_language(recipe)
+    target = recipe.target_language
     changes = []
     for name, result in last["eval"]["text"].items():
         if name in first["eval"]["text"]:

@@ -88,6 +88,9 @@ def restore_rng_states(saved: dict) -> None:
 
 def check_resumable(saved_recipe: dict, recipe: dict, saved_data: dict, data: dict, folder: Path) -> None:
     """Refuse to resume when the recipe or the packed data changed in a way that would make the result wrong."""
+    if "stages" in saved_recipe.get("train", {}):  # a checkpoint from before train.stages was named train.phases
+        saved_recipe = {**saved_recipe, "train": {("phases" if k == "stages" else k): v
+                                                  for k, v in saved_recipe["train"].items()}}
     changed = [key for key in sorted(set(_flatten(saved_recipe)) | set(_flatten(recipe)))
                if _flatten(saved_recipe).get(key) != _flatten(recipe).get(key)
                and not key.startswith(RESUME_SAFE_KEYS) and key != "name"]

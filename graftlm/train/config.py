@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -76,7 +76,8 @@ class DistillConfig(Section):
     """The term is `weight · T² · KL(teacher ‖ student)` per token of a replay sequence, added to the loss."""
     temperature: float = Field(default=1.0, gt=0)
     sources: list[str] | None = None
-    """The sources whose sequences are distilled; default: those whose `lang` is not the target language."""
+    """The sources whose sequences are distilled; default: the replay sources (`Recipe.replay_sources`: those not in
+    the target language)."""
     logit_swap: bool = False
     """Mix-CPT's logit-swap self-distillation: where the teacher's top token is not the actual next token, swap
     their logits, so the teacher keeps its distribution but is never wrong about the text."""
@@ -91,7 +92,7 @@ class EmaConfig(Section):
     """Export (and evaluate last) the averaged weights instead of the last ones."""
 
 
-class StageConfig(Section):
+class PhaseConfig(Section):
     """One phase of training: what it trains, for how long, at which learning rate."""
 
     train: Literal["embeddings", "new_rows", "all"] = "all"
@@ -147,8 +148,20 @@ class TrainConfig(Section):
     """Distillation toward the start model on replay sequences; absent (null): none."""
     ema: EmaConfig | None = None
     """An exponential moving average of the weights; absent (null): none."""
-    stages: list[StageConfig] = []
-    """Phases trained one after the other (embeddings first, then everything); empty: one phase, `all`."""
+    phases: list[PhaseConfig] = []
+    """Phases trained one after the other (embeddings first, then everything); empty: one phase, `all`.
+    `stages` is the older name of this key, still read."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stages_is_phases(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "stages" in data:
+            data = dict(data)
+            stages = data.pop("stages")
+            if data.get("phases") not in (None, [], stages):
+                raise ValueError("stages is the older name of phases: give one of them")
+            data["phases"] = stages
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
@@ -160,15 +173,15 @@ class TrainConfig(Section):
                                             or self.freeze.embeddings != "none"):
             raise ValueError("method freeze: choose what trains with freeze.layers, freeze.patterns or "
                              "freeze.embeddings")
-        for i, stage in enumerate(self.stages):
-            last = i == len(self.stages) - 1
-            if last and (stage.max_tokens or stage.max_steps):
-                raise ValueError(f"stages.{i}: the last stage runs to the end of train.max_tokens/max_steps; "
+        for i, phase in enumerate(self.phases):
+            last = i == len(self.phases) - 1
+            if last and (phase.max_tokens or phase.max_steps):
+                raise ValueError(f"phases.{i}: the last phase runs to the end of train.max_tokens/max_steps; "
                                  "leave its max_tokens and max_steps out")
-            if not last and not (stage.max_tokens or stage.max_steps):
-                raise ValueError(f"stages.{i}: set max_tokens or max_steps (only the last stage runs to the end)")
-        if self.stages and self.stage_steps()[-1] < 1:
-            raise ValueError(f"stages: the stages before the last take {sum(self.stage_steps()[:-1])} steps, "
+            if not last and not (phase.max_tokens or phase.max_steps):
+                raise ValueError(f"phases.{i}: set max_tokens or max_steps (only the last phase runs to the end)")
+        if self.phases and self.phase_steps()[-1] < 1:
+            raise ValueError(f"phases: the phases before the last take {sum(self.phase_steps()[:-1])} steps, "
                              f"the whole training {self.total_steps}: nothing is left for the last")
         return self
 
@@ -182,7 +195,7 @@ class TrainConfig(Section):
             return self.max_steps
         return math.ceil(self.max_tokens / self.batch_tokens)
 
-    def stage_steps(self) -> list[int]:
-        """Optimizer steps of each stage (one stage of every step when `stages` is empty)."""
-        steps = [s.max_steps or math.ceil(s.max_tokens / self.batch_tokens) for s in self.stages[:-1]]
+    def phase_steps(self) -> list[int]:
+        """Optimizer steps of each phase (one phase of every step when `phases` is empty)."""
+        steps = [p.max_steps or math.ceil(p.max_tokens / self.batch_tokens) for p in self.phases[:-1]]
         return steps + [self.total_steps - sum(steps)]

@@ -25,16 +25,6 @@ from graftlm.train.config import DistillConfig
 from graftlm.train.loss import IGNORE
 
 
-def replay_sources(recipe) -> list[str]:
-    """The sources distilled on: `train.distill.sources`, else those whose language is not the target's."""
-    from graftlm.report.verdict import target_language
-
-    if recipe.train.distill.sources is not None:
-        return list(recipe.train.distill.sources)
-    target = target_language(recipe)
-    return [name for name, source in recipe.sources.items() if (source.lang or name) != target]
-
-
 def swap_top_with_target(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """A copy of `logits` (rows × vocabulary) where each row's largest logit and its target's are exchanged."""
     swapped = logits.clone()

@@ -1,4 +1,4 @@
-"""What learns: `train.method`, and in each phase of `train.stages` which part of it.
+"""What learns: `train.method`, and in each phase of `train.phases` which part of it.
 
 - full:   every weight.
 - lora:   low-rank adapters (peft) on the linear layers of every block; the base weights stay frozen.
@@ -70,10 +70,10 @@ class Method:
         if self.peft:
             embeddings = [(n, p) for n, p in self.trainable if any(k in n for k in PEFT_EMBEDDING_PARAMETERS)]
             if train != "all" and not embeddings:
-                raise GraftError(f"train.stages: a '{train}' stage with method {self.kind} trains the adapter's "
+                raise GraftError(f"train.phases: a '{train}' phase with method {self.kind} trains the adapter's "
                                  f"embeddings: set train.lora.embeddings")
             if train == "new_rows" and self.cfg.lora.embeddings != "new_rows":
-                raise GraftError(f"train.stages: a 'new_rows' stage with method {self.kind} needs "
+                raise GraftError(f"train.phases: a 'new_rows' phase with method {self.kind} needs "
                                  "train.lora.embeddings: new_rows")
             return (self.trainable if train == "all" else embeddings), set()
         names = {id(p): n for n, p in self.model.named_parameters()}
@@ -84,7 +84,7 @@ class Method:
             _require(self.rows, "train.freeze.embeddings: new_rows")
             return self.trainable, {id(p) for _, p in embeddings}
         if train == "new_rows":
-            _require(self.rows, "train.stages: a 'new_rows' stage")
+            _require(self.rows, "train.phases: a 'new_rows' phase")
             return embeddings, {id(p) for _, p in embeddings}
         return embeddings, set()
 

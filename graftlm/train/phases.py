@@ -1,6 +1,6 @@
-"""`train.stages`: training in phases, each with what it trains, its length, its peak lr and its own schedule.
+"""`train.phases`: training in phases, each with what it trains, its length, its peak lr and its own schedule.
 
-Without stages there is one phase, `all`, over the whole run, with train.lr and train.schedule. Phases are a pure
+Without phases there is one, `all`, over the whole run, with train.lr and train.schedule. Phases are a pure
 function of the recipe, so a resumed run finds the phase of any step again.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from graftlm.train.config import StageConfig, TrainConfig
+from graftlm.train.config import PhaseConfig, TrainConfig
 from graftlm.train.schedule import ScheduleConfig, lr_multiplier
 
 
@@ -19,7 +19,7 @@ class Phase:
     """Its first optimizer step (0-based)."""
     steps: int
     train: str
-    """`embeddings`, `new_rows` or `all` (see StageConfig.train)."""
+    """`embeddings`, `new_rows` or `all` (see PhaseConfig.train)."""
     lr: float
     schedule: ScheduleConfig
 
@@ -32,8 +32,8 @@ class Phase:
 
 def plan_phases(cfg: TrainConfig) -> list[Phase]:
     phases, start = [], 0
-    for index, (stage, steps) in enumerate(zip(cfg.stages or [StageConfig()], cfg.stage_steps())):
-        phases.append(Phase(index, start, steps, stage.train, stage.lr or cfg.lr, stage.schedule or cfg.schedule))
+    for index, (phase, steps) in enumerate(zip(cfg.phases or [PhaseConfig()], cfg.phase_steps())):
+        phases.append(Phase(index, start, steps, phase.train, phase.lr or cfg.lr, phase.schedule or cfg.schedule))
         start += steps
     return phases
 

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from pydantic import Field
 
 from graftlm.config import Section
 
-if TYPE_CHECKING:
-    from graftlm.recipe import Recipe
-
-BASE_LANGUAGE = "en"
-"""The language the supported bases were mostly trained on; the default target source is one that is not it."""
-
 
 class VocabConfig(Section):
     source: str | None = None
     """The target-language source the new tokenizer is trained on (its curated text when curation ran). Default:
-    of the sources whose `lang` is set and not English, the one with the largest mixture weight (the first on a
-    tie); when no source has such a `lang`, the source with the largest mixture weight."""
+    of the sources in the recipe's target language, the one with the largest mixture weight (the first on a
+    tie)."""
     new_tokens: int = Field(default=8000, ge=1, le=1_000_000)
     """At most this many tokens are added (most frequent first); fewer when the target text has fewer to offer."""
     init: Literal["mean", "subword-mean", "weighted", "random"] = "subword-mean"
@@ -40,14 +34,3 @@ class VocabConfig(Section):
     compare_inits: bool = True
     """Also score the extended model under every init, before any training, on each `eval.text` set (bits per byte,
     beside the unextended base): in stats.json and the report. Costs about one evaluation per init."""
-
-
-def target_source(recipe: "Recipe") -> str:
-    """The name of the source the vocabulary is grown for (see `VocabConfig.source`)."""
-    config = recipe.vocab or VocabConfig()
-    if config.source is not None:
-        return config.source
-    weights = recipe.mixture_weights()
-    names = list(recipe.sources)
-    foreign = [n for n in names if recipe.sources[n].lang not in (None, BASE_LANGUAGE)]
-    return max(foreign or names, key=lambda n: (weights.get(n, 0.0), -names.index(n)))

@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Iterator
 
 from graftlm.data.config import SourceConfig
-from graftlm.data.pack import training_source
+from graftlm.data.stage import training_source
 from graftlm.data.read import ReadStats, read_documents, resolve_paths, text_bytes
 from graftlm.errors import DataError, GraftError
 from graftlm.progress import bytes_progress, log
 from graftlm.recipe import Recipe
-from graftlm.runs import RunDir, atomic_dir, file_signature, fingerprint, read_json, write_json_atomic
-from graftlm.vocab.config import VocabConfig, target_source
+from graftlm.runs import RunDir, atomic_dir, file_signature, read_json, write_json_atomic
+from graftlm.stage import Stage
 from graftlm.vocab.extend import Extension, extend_tokenizer, tokenizer_family, train_target_tokenizer
 from graftlm.vocab.init import INITS, VOCAB_ROWS_FILE, grow_embeddings, initialise_rows, similar_tokens
 
@@ -36,21 +36,37 @@ TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "cha
 """Copied from the base beside the merged tokenizer.json (tokenizer.model, a SentencePiece file, would be stale)."""
 
 
-def run_vocab(recipe: Recipe, run: RunDir) -> dict:
-    """Train, merge, resize and initialise, unless vocab/ already holds the result for the same inputs."""
-    config = recipe.vocab or VocabConfig()
-    name = target_source(recipe)
-    source = training_source(run, name, recipe.sources[name])
-    files = resolve_paths(source, name)
-    key = fingerprint(VOCAB_FORMAT, config.model_dump(mode="json"), name, source.model_dump(mode="json"),
-                      [file_signature(f) for f in files], _folder_signature(run.base), recipe.eval.text_field,
-                      {lang: file_signature(path) for lang, path in recipe.eval.text.items()})
-    stats_path = run.vocab / "stats.json"
-    if (run.vocab / "model" / "config.json").is_file() and stats_path.is_file() \
-            and read_json(stats_path).get("fingerprint") == key:
-        log(f"vocab: {run.vocab} is up to date")
-        return read_json(stats_path)
+class Vocab(Stage):
+    name = "vocab"
+    needs = ("base", "curate")
+    prepares_data = True
+    recipe_keys = ("vocab",)
+    outputs = ("vocab",)
 
+    def enabled(self):
+        return self.recipe.vocab is not None
+
+    def marker(self, unit):
+        return self.run_dir.vocab / "stats.json"
+
+    def fingerprint(self, unit):
+        recipe, config = self.recipe, self.recipe.vocab
+        name = recipe.vocab_source()
+        source = training_source(self.run_dir, recipe, name)
+        return [VOCAB_FORMAT, config.model_dump(mode="json"), name, source.model_dump(mode="json"),
+                [file_signature(f) for f in resolve_paths(source, name)], _folder_signature(self.run_dir.base),
+                recipe.eval.text_field, {lang: file_signature(path) for lang, path in recipe.eval.text.items()}]
+
+    def run(self, unit, key):
+        extend_vocabulary(self.recipe, self.run_dir, key)
+
+
+def extend_vocabulary(recipe: Recipe, run: RunDir, key: str) -> dict:
+    """Train, merge, resize and initialise into vocab/; stats.json (holding `key`) last."""
+    config = recipe.vocab
+    name = recipe.vocab_source()
+    source = training_source(run, recipe, name)
+    files = resolve_paths(source, name)
     started = time.perf_counter()
     if not (run.base / "tokenizer.json").is_file():
         raise GraftError(f"{run.base}: no tokenizer.json; vocabulary extension needs a fast (Rust) base tokenizer")

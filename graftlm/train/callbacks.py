@@ -1,0 +1,174 @@
+"""What a training run does around the loop, one callback each (see train/trainer.py for the hooks).
+
+Order matters and is the order of `default_callbacks`: the moving average takes each update first, then the step
+is logged and shown, the divergence guard may stop the run, then evaluation and checkpoints, each at its own
+interval, then the test hook.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+from graftlm.progress import steps_progress
+from graftlm.runs import RunDir
+from graftlm.train.checkpoint import complete_checkpoints, save_checkpoint
+from graftlm.train.ema import EMA
+from graftlm.train.methods import ADAPTER_DIR, Method
+from graftlm.train.trainer import Callback, Trainer
+from graftlm.errors import GraftError
+
+
+class TrainingDiverged(GraftError):
+    exit_code = 3
+
+
+class MovingAverage(Callback):
+    """train.ema: the moving average of the weights, updated after every good optimizer step."""
+
+    def __init__(self, ema: EMA):
+        self.ema = ema
+
+    def on_step_end(self, trainer: Trainer, record: dict) -> None:
+        if not record.get("skipped"):
+            self.ema.update()
+
+
+class MetricsFile(Callback):
+    """Every logged record as a line of runs/<name>/metrics.jsonl (main process)."""
+
+    def __init__(self, run: RunDir):
+        self.run = run
+
+    def on_step_end(self, trainer: Trainer, record: dict) -> None:
+        trainer.log(record)
+
+    def on_log(self, trainer: Trainer, record: dict) -> None:
+        if trainer.is_main:
+            self.run.append_metrics(record)
+
+
+class ProgressBar(Callback):
+    """A bar over the steps with the loss, the lr and the rate; evaluations add their own bars below it."""
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        self._display = steps_progress(show=trainer.is_main)
+        trainer.progress = self._display.__enter__()
+        self._task = trainer.progress.add_task("train", total=trainer.total_steps, completed=trainer.state.step,
+                                               status="")
+
+    def on_step_end(self, trainer: Trainer, record: dict) -> None:
+        loss = record["loss"] if record["loss"] is not None else float("nan")
+        trainer.progress.update(self._task, completed=record["step"], status=f"loss {loss:.3f}  lr "
+                                f"{record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s")
+
+    def on_close(self, trainer: Trainer) -> None:
+        if trainer.progress is not None:
+            self._display.__exit__(None, None, None)
+            trainer.progress = None
+
+
+class DivergenceGuard(Callback):
+    """A non-finite loss skips its update; `train.max_bad_steps` of them in a row stop the run."""
+
+    def __init__(self, max_bad_steps: int, run: RunDir):
+        self.max_bad_steps, self.run = max_bad_steps, run
+
+    def on_step_end(self, trainer: Trainer, record: dict) -> None:
+        state = trainer.state
+        if not record.get("skipped"):
+            state.bad_streak = 0
+            return
+        state.bad_streak += 1
+        state.skipped_steps += 1
+        if state.bad_streak >= self.max_bad_steps:
+            last = complete_checkpoints(self.run)
+            raise TrainingDiverged(
+                f"train: {state.bad_streak} non-finite losses in a row at step {state.step}; stopped. "
+                f"Last good checkpoint: {last[-1][1] if last else 'none'}. Try a lower train.lr")
+
+
+class Evaluation(Callback):
+    """The held-out sets before the first update, every `eval.every` steps and after the last (the stability-gap
+    curve), on the main process; with an exported moving average, the average too, last."""
+
+    def __init__(self, evaluator, every: int | None, evaluated_at: list[int], ema: EMA | None = None):
+        self.evaluator, self.every = evaluator, every
+        self.evaluated_at = evaluated_at
+        """Steps already evaluated (by an interrupted run, when resuming)."""
+        self.ema = ema
+        """Evaluated last when given: the exported model."""
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        if not self.evaluated_at:
+            self._evaluate(trainer)  # the base, before any update
+
+    def on_step_end(self, trainer: Trainer, record: dict) -> None:
+        if self.every and trainer.state.step % self.every == 0:
+            self._evaluate(trainer)
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        if not self.evaluated_at or self.evaluated_at[-1] != trainer.state.step:
+            self._evaluate(trainer)
+        if self.ema is not None and self.evaluator is not None:
+            with self.ema.applied():
+                trainer.log({"step": trainer.state.step, "tokens": trainer.state.tokens, "model": "ema",
+                             "eval": self.evaluator(trainer.module.method.model, progress=trainer.progress)})
+
+    def _evaluate(self, trainer: Trainer) -> None:
+        if self.evaluator is not None:
+            results = self.evaluator(trainer.module.method.model, progress=trainer.progress)
+            trainer.log({"step": trainer.state.step, "tokens": trainer.state.tokens, "eval": results})
+        self.evaluated_at.append(trainer.state.step)
+        trainer.group.wait_for_everyone()
+
+
+class Checkpointer(Callback):
+    """A checkpoint every `train.checkpoint_every` steps (only of a good state) and at the end, written by the
+    main process; the other processes wait for it before they look at checkpoints/ again."""
+
+    def __init__(self, run: RunDir, every: int, keep: int, tokenizer, recipe_dump: dict, data_key: dict,
+                 ema: EMA | None = None):
+        self.run, self.every, self.keep = run, every, keep
+        self.tokenizer, self.recipe_dump, self.data_key, self.ema = tokenizer, recipe_dump, data_key, ema
+
+    def on_step_end(self, trainer: Trainer, record: dict) -> None:
+        step = trainer.state.step
+        if self.every and step % self.every == 0 and step < trainer.total_steps and trainer.state.bad_streak == 0:
+            self.save(trainer)
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        trainer.group.wait_for_everyone()
+        saved_steps = [step for step, _ in complete_checkpoints(self.run)]
+        if not saved_steps or saved_steps[-1] != trainer.state.step:  # (a run resumed from its final checkpoint)
+            self.save(trainer)
+
+    def save(self, trainer: Trainer) -> None:
+        trainer.group.wait_for_everyone()
+        if not trainer.is_main:
+            return
+        state, method = trainer.state, trainer.module.method
+        state.sampler = trainer.sampler.state()
+        save_checkpoint(self.run, state.step, method.export_model(), self.tokenizer, trainer.module.optimizer,
+                        {"state": asdict(state), "recipe": self.recipe_dump, "data": self.data_key},
+                        keep=self.keep, write_more=lambda folder: self._save_more(folder, method))
+
+    def _save_more(self, folder: Path, method: Method) -> None:
+        """What a checkpoint needs beyond the merged weights to resume exactly."""
+        if method.peft:
+            method.model.save_pretrained(folder / ADAPTER_DIR)
+        if self.ema is not None:
+            self.ema.save(folder)
+
+
+class StepHook(Callback):
+    """Calls `hook(step)` after every step (tests use it to interrupt a run at a chosen step)."""
+
+    def __init__(self, hook: Callable[[int], Any]):
+        self.hook = hook
+
+    def on_step_end(self, trainer: Trainer, record: dict) -> None:
+        self.hook(trainer.state.step)

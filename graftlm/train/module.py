@@ -1,0 +1,132 @@
+"""The maths of one optimizer step, behind `TrainModule.train_batch`.
+
+One step = `batch_tokens` tokens, split across processes (DDP under `accelerate launch`) and micro-batches
+(gradient accumulation), forward and backward under bf16 autocast with fp32 master weights, then gradient clipping
+and AdamW. A non-finite loss skips its update (the divergence guard counts them). Training runs in phases
+(graftlm/train/phases.py), each with its own trainable parameters, a fresh optimizer and its own schedule: the
+module enters the phase of each step by itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from graftlm.progress import log
+from graftlm.train.config import TrainConfig
+from graftlm.train.distill import Distiller
+from graftlm.train.loss import CausalLMLoss
+from graftlm.train.methods import Method, trainable_count
+from graftlm.train.phases import Phase, phase_at
+
+
+@dataclass
+class StepResult:
+    loss: float | None
+    """The mean cross-entropy (the distillation term left out); None when the step was skipped."""
+    lr: float
+    grad_norm: float | None
+    skipped: bool
+    extra: dict = field(default_factory=dict)
+    """Metrics only some runs have: `distill` (the added term), `phase` (with several phases)."""
+
+
+class TrainModule:
+    def __init__(self, method: Method, cfg: TrainConfig, phases: list[Phase], accelerator,
+                 distiller: Distiller | None = None, replay: set[str] | None = None,
+                 resumed_phase: int | None = None, resumed_optimizer: dict | None = None):
+        self.method, self.cfg, self.phases, self.accelerator = method, cfg, phases, accelerator
+        self.distiller, self.replay = distiller, replay
+        self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        self.phase: Phase | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._resumed = (resumed_phase, resumed_optimizer)
+        self._wrapped = self._params = None
+        self.trainable = {p.index: trainable_count(*method.parameters(p.train), method.rows) for p in phases}
+
+    sequences_per_step = property(lambda self: self.cfg.sequences_per_step)
+    batch_tokens = property(lambda self: self.cfg.batch_tokens)
+    seq_len = property(lambda self: self.cfg.seq_len)
+
+    def train_batch(self, batch: np.ndarray, names: list[str], step: int) -> StepResult:
+        """One optimizer step on `batch` (every process's sequences; this process takes its share)."""
+        if self.phase is None or not self.phase.covers(step):
+            self._enter_phase(phase_at(self.phases, step))
+        lr = self.phase.lr_at(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        flags = np.array([name in self.replay for name in names]) if self.replay is not None else None
+        loss, distilled = self._accumulate_gradients(batch[self.rank::self.world],
+                                                     flags[self.rank::self.world] if flags is not None else None)
+        loss, distilled = self.accelerator.reduce(torch.stack([loss, distilled]), reduction="mean").tolist()
+        finite = math.isfinite(loss)
+        grad_norm = float("nan")
+        if finite:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.cfg.grad_clip or float("inf")).item()
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        extra = {}
+        if self.distiller is not None:
+            extra["distill"] = distilled if finite else None
+        if len(self.phases) > 1:
+            extra["phase"] = self.phase.index
+        return StepResult(loss - distilled if finite else None, lr,
+                          grad_norm if math.isfinite(grad_norm) else None, not finite, extra)
+
+    def _enter_phase(self, phase: Phase) -> None:
+        """The phase's trainable parameters, its fresh optimizer (or the checkpoint's, when resuming inside it) and
+        the loss wrapped for DDP (again per phase: DDP only synchronises what requires grad when it is built)."""
+        cfg, method = self.cfg, self.method
+        groups = method.start_phase(phase.train)
+        self.optimizer = torch.optim.AdamW(groups, lr=phase.lr, betas=cfg.betas, eps=cfg.eps,
+                                           weight_decay=cfg.weight_decay,
+                                           **_fused_if_available(self.accelerator.device))
+        resumed_phase, resumed_optimizer = self._resumed
+        if resumed_optimizer is not None and resumed_phase == phase.index:
+            self.optimizer.load_state_dict(resumed_optimizer)
+        self._resumed = (None, None)
+        self._wrapped = self.accelerator.prepare_model(
+            CausalLMLoss(method.model, chunked=cfg.loss == "chunked", distiller=self.distiller))
+        self._params = [p for group in groups for p in group["params"]]
+        self.phase = phase
+        total = method.model_size()
+        log(f"train: phase {phase.index + 1}/{len(self.phases)} ({phase.train}, {phase.steps} steps, peak lr "
+            f"{phase.lr:g}): {self.trainable[phase.index]:,} trainable parameters of {total:,} "
+            f"({self.trainable[phase.index] / total:.2%})")
+
+    def _accumulate_gradients(self, local_batch: np.ndarray,
+                              local_replay: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward over micro-batches; returns the mean loss over this process's sequences and the
+        distillation term's share of it. `local_replay` marks the sequences to distill on (None: no distillation)."""
+        cfg, accelerator, wrapped = self.cfg, self.accelerator, self._wrapped
+        tokens = torch.from_numpy(local_batch).to(accelerator.device)
+        micro_batches = tokens.split(cfg.micro_batch_size)
+        replay = [None] * len(micro_batches) if local_replay is None else \
+            torch.from_numpy(local_replay).to(accelerator.device).split(cfg.micro_batch_size)
+        loss_module = accelerator.unwrap_model(wrapped)
+        total = torch.zeros((), device=accelerator.device)
+        distilled = torch.zeros((), device=accelerator.device)
+        for i, (micro, flags) in enumerate(zip(micro_batches, replay)):
+            weight = len(micro) / len(tokens)
+            last = i == len(micro_batches) - 1
+            extra = {} if flags is None else {"replay": flags}
+            with contextlib.nullcontext() if last else accelerator.no_sync(wrapped), self.autocast():
+                loss = wrapped(micro[:, :-1], micro[:, 1:], **extra)
+            if torch.isfinite(loss):
+                (loss * weight).backward()
+            total += loss.detach().float() * weight
+            if flags is not None and loss_module.distill_part is not None:
+                distilled += loss_module.distill_part.float() * weight
+        return total, distilled
+
+    def autocast(self):
+        return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16,
+                              enabled=self.cfg.precision == "bf16")
+
+
+def _fused_if_available(device: torch.device) -> dict:
+    return {"fused": True} if device.type in ("cpu", "cuda") else {}

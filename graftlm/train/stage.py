@@ -1,0 +1,189 @@
+"""The `train` stage: continue pre-training the run's start model on the recipe's mixture of packed sources.
+
+Every step appends a line to metrics.jsonl; checkpoints every `checkpoint_every` steps make the run resumable
+exactly: killed at any moment and restarted, it logs the same losses as an uninterrupted run.
+
+What learns is `train.method` (graftlm/train/methods.py: full, lora, layra, freeze); training runs in phases
+(`train.phases`, graftlm/train/phases.py), each with its own trainable parameters, fresh optimizer and schedule.
+Optional: distillation toward the start model on replay sequences (distill.py; `loss` stays the cross-entropy,
+`distill` is the added term) and a moving average of the weights (ema.py). The exported model, runs/<name>/model/,
+is a plain Hugging Face folder with any adapter merged (the adapter alone goes to runs/<name>/adapter/).
+
+Setup, in order: open the packed data; decide between resuming and starting over; build the model, the sampler,
+the phases, the moving average and the teacher; restore a checkpoint's state; then the trainer runs with its
+callbacks, and the result is exported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from graftlm.data.mix import MixtureSampler
+from graftlm.data.pack import PackedSource
+from graftlm.errors import GraftError
+from graftlm.evaluate.suite import Evaluator
+from graftlm.models import load_tokenizer, save_model, tokenizer_files
+from graftlm.progress import log
+from graftlm.runs import RunDir, atomic_dir, hash_files
+from graftlm.stage import Stage
+from graftlm.train.callbacks import (Checkpointer, DivergenceGuard, Evaluation, MetricsFile, MovingAverage,
+                                     ProgressBar, StepHook)
+from graftlm.train.checkpoint import check_resumable, complete_checkpoints, load_training_state, restore_rng_states
+from graftlm.train.distill import Distiller
+from graftlm.train.ema import EMA
+from graftlm.train.methods import Method
+from graftlm.train.module import TrainModule
+from graftlm.train.phases import plan_phases
+from graftlm.train.trainer import Trainer, TrainerState
+
+
+class Train(Stage):
+    name = "train"
+    needs = ("pack",)
+    distributed = True
+    outputs = ("checkpoints", "model", "adapter")
+
+    def marker(self, unit):
+        return self.run_dir.train_marker
+
+    def fingerprint(self, unit):
+        dump = self.recipe.model_dump(mode="json")
+        return [dump["train"], dump["mixture"], open_packed(self.recipe, self.run_dir)[1],
+                str(self.run_dir.start_model)]
+
+    def run(self, unit, key):
+        train(self.recipe, self.run_dir, key, fresh=self.fresh, on_step_end=self.options.get("on_step_end"))
+
+
+@dataclass
+class Resumed:
+    """What a checkpoint restores."""
+
+    folder: Path
+    state: TrainerState
+    optimizer: dict
+
+
+def train(recipe, run: RunDir, key: str, fresh: bool = False, on_step_end=None) -> None:
+    """Train to the end of the recipe's budget, resuming from the latest checkpoint unless `fresh`, and export
+    runs/<name>/model/ with its marker (holding `key`)."""
+    from accelerate import Accelerator
+
+    cfg = recipe.train
+    # autocast is applied explicitly (TrainModule.autocast); cpu=True lets several CPU processes form a gloo group
+    accelerator = Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available())
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    world = accelerator.num_processes
+    if cfg.sequences_per_step % world:
+        raise GraftError(f"train.batch_tokens: {cfg.sequences_per_step} sequences per step do not split evenly "
+                         f"over {world} processes")
+    sources, data_key = open_packed(recipe, run)
+    checkpoint = _checkpoint_to_resume(run, fresh, accelerator)
+
+    torch.manual_seed(cfg.seed)  # before adapters are initialised; a resumed run restores its own random state
+    method = Method.load(cfg, run.start_model, checkpoint, recipe.trust_remote_code)
+    model = method.model.to(accelerator.device)  # before the EMA copies its weights
+    tokenizer = load_tokenizer(str(run.start_model), recipe.trust_remote_code)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        if cfg.method != "full":
+            model.enable_input_require_grads()  # recomputed blocks need an input that requires grad
+    model.train()
+    sampler = MixtureSampler(sources, recipe.mixture_weights(), cfg.seq_len, cfg.seed, recipe.mixture.repeat)
+    phases = plan_phases(cfg)
+    ema = EMA(method.all_phase_parameters([p.train for p in phases]), cfg.ema.decay) if cfg.ema else None
+    distiller, replay = None, None
+    if cfg.distill is not None:
+        distiller = Distiller.load(run.start_model, cfg.distill, accelerator.device, recipe.trust_remote_code)
+        replay = set(cfg.distill.sources if cfg.distill.sources is not None else recipe.replay_sources())
+        log(f"train: distilling toward {run.start_model} on {', '.join(sorted(replay)) or 'no source'}")
+
+    recipe_dump = recipe.model_dump(mode="json")
+    resumed = _restore(checkpoint, recipe_dump, data_key, sampler, ema, run, accelerator) if checkpoint else None
+    state = resumed.state if resumed else TrainerState()
+    module = TrainModule(method, cfg, phases, accelerator, distiller, replay,
+                         resumed.state.phase if resumed else None, resumed.optimizer if resumed else None)
+    log(f"train: method {cfg.method}, {cfg.total_steps} steps of {cfg.batch_tokens:,} tokens in {len(phases)} "
+        f"phase(s), {world} process(es) on {accelerator.device}")
+
+    export_ema = ema if ema is not None and cfg.ema.export else None
+    evaluator = Evaluator.for_recipe(recipe.eval, tokenizer) if accelerator.is_main_process else None
+    accelerator.wait_for_everyone()  # metrics.jsonl is truncated to the checkpoint by now
+    evaluated_at = [r["step"] for r in run.read_metrics() if "eval" in r]
+    callbacks = [*([MovingAverage(ema)] if ema is not None else []), MetricsFile(run), ProgressBar(),
+                 DivergenceGuard(cfg.max_bad_steps, run), Evaluation(evaluator, recipe.eval.every, evaluated_at,
+                                                                      export_ema),
+                 Checkpointer(run, cfg.checkpoint_every, cfg.keep_checkpoints, tokenizer, recipe_dump, data_key,
+                              ema),
+                 *([StepHook(on_step_end)] if on_step_end is not None else [])]
+    trainer = Trainer(module, sampler, state, cfg.total_steps, callbacks, accelerator)
+    trainer.fit()
+
+    if accelerator.is_main_process:
+        marker = {"fingerprint": key, "step": state.step, "tokens": state.tokens,
+                  "skipped_steps": state.skipped_steps, "elapsed_s": round(state.elapsed_s, 1),
+                  "tokens_by_source": sampler.tokens_by_source(cfg.seq_len), "method": cfg.method,
+                  "trainable_parameters": [{"train": p.train, "steps": p.steps,
+                                            "parameters": module.trainable[p.index]} for p in phases],
+                  "ema": export_ema is not None}
+        with export_ema.applied() if export_ema is not None else contextlib.nullcontext():
+            if method.peft:
+                with atomic_dir(run.adapter) as folder:
+                    method.save_adapter(folder, run.start_model)
+            save_model(method.export_model(), tokenizer, run.model,
+                       extra_files={run.train_marker.name: json.dumps(marker, indent=2)})
+        log(f"train: {state.step} steps, {state.tokens:,} tokens in {state.elapsed_s:.0f}s -> {run.model}")
+    accelerator.wait_for_everyone()
+
+
+def open_packed(recipe, run: RunDir) -> tuple[dict[str, PackedSource], dict]:
+    """The packed sources of the mixture, checked against the run's tokenizer; and their fingerprints."""
+    expected = hash_files(tokenizer_files(run.start_model)) if run.start_model.is_dir() else None
+    sources = {}
+    for name, weight in recipe.mixture_weights().items():
+        if weight <= 0:
+            continue
+        folder = run.packed / name
+        if not (folder / "manifest.json").is_file():
+            raise GraftError(f"{folder}: not packed (the pack stage did not run)")
+        packed = PackedSource.open(folder)
+        if packed.manifest["tokenizer"] != expected:
+            raise GraftError(f"{folder}: packed with another tokenizer than {run.start_model}")
+        sources[name] = packed
+    return sources, {name: s.manifest["fingerprint"] for name, s in sources.items()}
+
+
+def _checkpoint_to_resume(run: RunDir, fresh: bool, accelerator) -> Path | None:
+    """The latest complete checkpoint; None when starting over (then nothing an earlier, unfinished run logged
+    or wrote may stay)."""
+    checkpoints = [] if fresh else complete_checkpoints(run)
+    if not checkpoints and accelerator.is_main_process:
+        for path in (run.checkpoints, run.model, run.adapter, run.merged):
+            shutil.rmtree(path, ignore_errors=True)
+        run.metrics.unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+    return checkpoints[-1][1] if checkpoints else None
+
+
+def _restore(folder: Path, recipe_dump: dict, data_key: dict, sampler: MixtureSampler, ema: EMA | None,
+             run: RunDir, accelerator) -> Resumed:
+    saved, training_state = load_training_state(folder)
+    check_resumable(saved["recipe"], recipe_dump, saved["data"], data_key, folder)
+    restore_rng_states(training_state)
+    state = TrainerState(**saved["state"])
+    sampler.load_state(state.sampler)
+    if ema is not None:
+        ema.load(folder)
+    if accelerator.is_main_process:
+        # what an interrupted run logged after its last checkpoint is logged again; the evaluations of exported
+        # models (EMA, merged) are made again at the end
+        run.write_metrics([r for r in run.read_metrics() if r.get("step", 0) <= state.step and "model" not in r])
+    log(f"train: resuming from {folder.name} (step {state.step}, {state.tokens:,} tokens)")
+    return Resumed(folder, state, training_state["optimizer"])
