@@ -44,6 +44,7 @@ class RunDir:
     metrics = property(lambda self: self.root / "metrics.jsonl")
     report = property(lambda self: self.root / "report.html")
     timings = property(lambda self: self.root / "timings.json")
+    trackers = property(lambda self: self.root / "trackers")
     base_marker = property(lambda self: self.base / "graft-base.json")
     train_marker = property(lambda self: self.model / "graft-train.json")
     """What training wrote last: steps, tokens, seconds, tokens per source (the report and compare read it)."""
@@ -127,6 +128,16 @@ def fingerprint(*parts: Any) -> str:
     """A short stable hash of JSON-able parts: what a stage's output depends on, to skip work already done."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def flatten(tree: Any, prefix: str = "", sep: str = ".") -> dict[str, Any]:
+    """A nested mapping as one level of `a.b.c` keys (lists and other values are leaves)."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(flatten(value, f"{prefix}{sep}{key}" if prefix else str(key), sep))
+    return flat
 
 
 def file_signature(path: str | os.PathLike) -> list:

@@ -283,22 +283,22 @@ def test_a_language_without_word_tokenizer_is_a_recipe_error(tmp_path):
         curate_source("t", "x", SourceConfig(paths=[str(data)], lang="qqq"), CurateConfig(), tmp_path / "c")
 
 
-def test_slurm_stages_are_chained_jobs(tmp_path):
+def test_slurm_runs_the_curation_jobs_chained(tmp_path):
     from datatrove.executor import SlurmPipelineExecutor
 
     from graftlm.curate.executors import make_executor
-    from graftlm.curate.stage import plan_stages
+    from graftlm.curate.stage import plan_jobs
 
     data = write_jsonl(tmp_path / "vi.jsonl", VI_DOCS[:2])
     config = CurateConfig(executor="slurm", executor_options={"partition": "cpu", "time": "1:00:00"})
-    stages = plan_stages("vi", SourceConfig(paths=[str(data)], lang="vi"), "vi", config, tmp_path / "work", 2,
+    jobs = plan_jobs("vi", SourceConfig(paths=[str(data)], lang="vi"), "vi", config, tmp_path / "work", 2,
                          [str(data)])
     executor = None
-    for stage in stages:
-        executor = make_executor(config, stage, "graft-x-vi", depends=executor)
+    for job in jobs:
+        executor = make_executor(config, job, "graft-x-vi", depends=executor)
     assert isinstance(executor, SlurmPipelineExecutor) and executor.job_name == "graft-x-vi-dedup_rehydrate"
     assert executor.depends.depends.depends.job_name == "graft-x-vi-minhash_signatures"
-    assert [s.tasks for s in stages] == [2, 2, config.minhash.num_buckets, 1, 2]
+    assert [j.tasks for j in jobs] == [2, 2, config.minhash.num_buckets, 1, 2]
 
 
 def test_bad_records_follow_the_sources_on_error(tmp_path):

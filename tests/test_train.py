@@ -129,3 +129,36 @@ def test_two_ddp_processes_match_one(prepared, tmp_path):
     assert ddp.keys() == single.keys()
     for step in single:
         assert ddp[step] == pytest.approx(single[step], rel=1e-5)
+
+
+FAILING_EVALUATION = """
+import os
+if os.environ.get("RANK") == "0":  # the main process of an `accelerate launch`: its second evaluation fails
+    from graftlm.evaluate import suite
+    real, calls = suite.Evaluator.__call__, []
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("injected evaluation failure")
+        return real(self, *args, **kwargs)
+
+    suite.Evaluator.__call__ = failing
+"""
+
+
+def test_an_exception_on_the_main_process_ends_every_process(prepared, tmp_path):
+    path, recipe, run = prepared
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(FAILING_EVALUATION)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(inject), str(REPO)])}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    eval_set = f"eval.text={{vi: '{REPO}/data/eval/sib200/vie_Latn/dev.tsv'}}"
+    done = subprocess.run([*launch, "-m", "graftlm", "train", str(path), "--set", eval_set, "--set", "eval.every=2",
+                           "--set", "eval.max_documents=2", "--runs-dir", str(run.root.parent)],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "injected evaluation failure" in done.stderr
+    assert [r["step"] for r in run.read_metrics() if "loss" in r] == [1, 2]  # it stopped at the failing evaluation

@@ -82,8 +82,9 @@ class Curate(Stage):
 
 
 def curate_source(run_name: str, name: str, source: SourceConfig, config: CurateConfig, curated: Path,
-                  key: str) -> dict:
-    """Run the curation jobs of one source into `curated/<name>/`, stats.json (holding `key`) last."""
+                  key: str = "") -> dict:
+    """Run the curation jobs of one source into `curated/<name>/`, stats.json (holding the fingerprint `key`)
+    last."""
     lang = normalize_language(source.lang)
     _check_word_tokenizer(name, lang)
     files = resolve_paths(source, name)

@@ -1,25 +1,26 @@
 """What a training run does around the loop, one callback each (see train/trainer.py for the hooks).
 
-Order matters and is the order of `default_callbacks`: the moving average takes each update first, then the step
-is logged and shown, the divergence guard may stop the run, then evaluation and checkpoints, each at its own
-interval, then the test hook.
+Order matters (the train stage lists them): the moving average takes each update first, then the step is logged,
+sent to the trackers and shown, the divergence guard may stop the run, then evaluation and checkpoints, each at
+its own interval; at the end the last evaluation, the last checkpoint, then the export; the test hook last.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
+import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
-from graftlm.progress import steps_progress
-from graftlm.runs import RunDir
+from graftlm.errors import GraftError
+from graftlm.models import save_model
+from graftlm.progress import log, steps_progress
+from graftlm.runs import RunDir, atomic_dir
 from graftlm.train.checkpoint import complete_checkpoints, save_checkpoint
 from graftlm.train.ema import EMA
 from graftlm.train.methods import ADAPTER_DIR, Method
 from graftlm.train.trainer import Callback, Trainer
-from graftlm.errors import GraftError
 
 
 class TrainingDiverged(GraftError):
@@ -162,6 +163,36 @@ class Checkpointer(Callback):
             method.model.save_pretrained(folder / ADAPTER_DIR)
         if self.ema is not None:
             self.ema.save(folder)
+
+
+class Export(Callback):
+    """runs/<name>/model/, a plain Hugging Face folder (adapters merged; the moving average when it is exported),
+    its marker with what was trained; the adapter alone in runs/<name>/adapter/ (lora, layra)."""
+
+    def __init__(self, run: RunDir, key: str, tokenizer, ema: EMA | None = None):
+        self.run, self.key, self.tokenizer, self.ema = run, key, tokenizer, ema
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        if trainer.is_main:
+            self._export(trainer)
+        trainer.group.wait_for_everyone()
+
+    def _export(self, trainer: Trainer) -> None:
+        state, module, run = trainer.state, trainer.module, self.run
+        method, cfg = module.method, module.cfg
+        marker = {"fingerprint": self.key, "step": state.step, "tokens": state.tokens,
+                  "skipped_steps": state.skipped_steps, "elapsed_s": round(state.elapsed_s, 1),
+                  "tokens_by_source": trainer.sampler.tokens_by_source(cfg.seq_len), "method": cfg.method,
+                  "trainable_parameters": [{"train": p.train, "steps": p.steps,
+                                            "parameters": module.trainable[p.index]} for p in module.phases],
+                  "ema": self.ema is not None}
+        with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
+            if method.peft:
+                with atomic_dir(run.adapter) as folder:
+                    method.save_adapter(folder, run.start_model)
+            save_model(method.export_model(), self.tokenizer, run.model,
+                       extra_files={run.train_marker.name: json.dumps(marker, indent=2)})
+        log(f"train: {state.step} steps, {state.tokens:,} tokens in {state.elapsed_s:.0f}s -> {run.model}")
 
 
 class StepHook(Callback):

@@ -24,7 +24,7 @@ import torch
 
 from graftlm.errors import GraftError
 from graftlm.models import save_tokenizer
-from graftlm.runs import RunDir, atomic_dir, read_json, write_json_atomic
+from graftlm.runs import RunDir, atomic_dir, flatten, read_json, write_json_atomic
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -91,23 +91,14 @@ def check_resumable(saved_recipe: dict, recipe: dict, saved_data: dict, data: di
     if "stages" in saved_recipe.get("train", {}):  # a checkpoint from before train.stages was named train.phases
         saved_recipe = {**saved_recipe, "train": {("phases" if k == "stages" else k): v
                                                   for k, v in saved_recipe["train"].items()}}
-    changed = [key for key in sorted(set(_flatten(saved_recipe)) | set(_flatten(recipe)))
-               if _flatten(saved_recipe).get(key) != _flatten(recipe).get(key)
+    changed = [key for key in sorted(set(flatten(saved_recipe)) | set(flatten(recipe)))
+               if flatten(saved_recipe).get(key) != flatten(recipe).get(key)
                and not key.startswith(RESUME_SAFE_KEYS) and key != "name"]
     if changed:
-        old, new = _flatten(saved_recipe), _flatten(recipe)
+        old, new = flatten(saved_recipe), flatten(recipe)
         shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3])
         raise GraftError(f"{folder}: made with a different recipe ({shown}); resuming would be wrong: "
                          f"run with --fresh to start over")
     if saved_data != data:
         raise GraftError(f"{folder}: the packed training data changed since this checkpoint; "
                          f"run with --fresh to start over")
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat

@@ -16,8 +16,6 @@ callbacks, and the result is exported.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,18 +26,19 @@ from graftlm.data.mix import MixtureSampler
 from graftlm.data.pack import PackedSource
 from graftlm.errors import GraftError
 from graftlm.evaluate.suite import Evaluator
-from graftlm.models import load_tokenizer, save_model, tokenizer_files
+from graftlm.models import load_tokenizer, tokenizer_files
 from graftlm.progress import log
-from graftlm.runs import RunDir, atomic_dir, hash_files
+from graftlm.runs import RunDir, hash_files
 from graftlm.stage import Stage
-from graftlm.train.callbacks import (Checkpointer, DivergenceGuard, Evaluation, MetricsFile, MovingAverage,
-                                     ProgressBar, StepHook)
+from graftlm.train.callbacks import (Checkpointer, DivergenceGuard, Evaluation, Export, MetricsFile,
+                                     MovingAverage, ProgressBar, StepHook)
 from graftlm.train.checkpoint import check_resumable, complete_checkpoints, load_training_state, restore_rng_states
 from graftlm.train.distill import Distiller
 from graftlm.train.ema import EMA
 from graftlm.train.methods import Method
 from graftlm.train.module import TrainModule
 from graftlm.train.phases import plan_phases
+from graftlm.train.trackers import Trackers, check_trackers
 from graftlm.train.trainer import Trainer, TrainerState
 
 
@@ -73,74 +72,74 @@ class Resumed:
 def train(recipe, run: RunDir, key: str, fresh: bool = False, on_step_end=None) -> None:
     """Train to the end of the recipe's budget, resuming from the latest checkpoint unless `fresh`, and export
     runs/<name>/model/ with its marker (holding `key`)."""
+    cfg = recipe.train
+    accelerator = _accelerator(cfg)
+    check_trackers(recipe.report.trackers)
+    sources, data_key = open_packed(recipe, run)
+    checkpoint = _checkpoint_to_resume(run, fresh, accelerator)
+    method = _load_method(recipe, run, checkpoint, accelerator)
+    tokenizer = load_tokenizer(str(run.start_model), recipe.trust_remote_code)
+    sampler = MixtureSampler(sources, recipe.mixture_weights(), cfg.seq_len, cfg.seed, recipe.mixture.repeat)
+    phases = plan_phases(cfg)
+    ema = EMA(method.all_phase_parameters([p.train for p in phases]), cfg.ema.decay) if cfg.ema else None
+    distiller, replay = _teacher(recipe, run, accelerator)
+    recipe_dump = recipe.model_dump(mode="json")
+    resumed = _restore(checkpoint, recipe_dump, data_key, sampler, ema, run, accelerator) if checkpoint else None
+    module = TrainModule(method, cfg, phases, accelerator, distiller, replay,
+                         resumed.state.phase if resumed else None, resumed.optimizer if resumed else None)
+    log(f"train: method {cfg.method}, {cfg.total_steps} steps of {cfg.batch_tokens:,} tokens in {len(phases)} "
+        f"phase(s), {accelerator.num_processes} process(es) on {accelerator.device}")
+    export_ema = ema if ema is not None and cfg.ema.export else None
+    evaluator = Evaluator.for_recipe(recipe.eval, tokenizer) if accelerator.is_main_process else None
+    accelerator.wait_for_everyone()  # metrics.jsonl is truncated to the checkpoint by now
+    evaluated_at = [r["step"] for r in run.read_metrics() if "eval" in r]
+    callbacks = [*([MovingAverage(ema)] if ema is not None else []), MetricsFile(run),
+                 Trackers(recipe.report.trackers, run.trackers, recipe.name, recipe_dump), ProgressBar(),
+                 DivergenceGuard(cfg.max_bad_steps, run),
+                 Evaluation(evaluator, recipe.eval.every, evaluated_at, export_ema),
+                 Checkpointer(run, cfg.checkpoint_every, cfg.keep_checkpoints, tokenizer, recipe_dump, data_key, ema),
+                 Export(run, key, tokenizer, export_ema),
+                 *([StepHook(on_step_end)] if on_step_end is not None else [])]
+    Trainer(module, sampler, resumed.state if resumed else TrainerState(), cfg.total_steps, callbacks,
+            accelerator).fit()
+
+
+def _accelerator(cfg):
     from accelerate import Accelerator
 
-    cfg = recipe.train
     # autocast is applied explicitly (TrainModule.autocast); cpu=True lets several CPU processes form a gloo group
     accelerator = Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available())
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    world = accelerator.num_processes
-    if cfg.sequences_per_step % world:
+    if cfg.sequences_per_step % accelerator.num_processes:
         raise GraftError(f"train.batch_tokens: {cfg.sequences_per_step} sequences per step do not split evenly "
-                         f"over {world} processes")
-    sources, data_key = open_packed(recipe, run)
-    checkpoint = _checkpoint_to_resume(run, fresh, accelerator)
+                         f"over {accelerator.num_processes} processes")
+    return accelerator
 
+
+def _load_method(recipe, run: RunDir, checkpoint: Path | None, accelerator) -> Method:
+    """The start model (or the checkpoint's weights) prepared for `train.method`, on the device, in train mode."""
+    cfg = recipe.train
     torch.manual_seed(cfg.seed)  # before adapters are initialised; a resumed run restores its own random state
     method = Method.load(cfg, run.start_model, checkpoint, recipe.trust_remote_code)
     model = method.model.to(accelerator.device)  # before the EMA copies its weights
-    tokenizer = load_tokenizer(str(run.start_model), recipe.trust_remote_code)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         if cfg.method != "full":
             model.enable_input_require_grads()  # recomputed blocks need an input that requires grad
     model.train()
-    sampler = MixtureSampler(sources, recipe.mixture_weights(), cfg.seq_len, cfg.seed, recipe.mixture.repeat)
-    phases = plan_phases(cfg)
-    ema = EMA(method.all_phase_parameters([p.train for p in phases]), cfg.ema.decay) if cfg.ema else None
-    distiller, replay = None, None
-    if cfg.distill is not None:
-        distiller = Distiller.load(run.start_model, cfg.distill, accelerator.device, recipe.trust_remote_code)
-        replay = set(cfg.distill.sources if cfg.distill.sources is not None else recipe.replay_sources())
-        log(f"train: distilling toward {run.start_model} on {', '.join(sorted(replay)) or 'no source'}")
+    return method
 
-    recipe_dump = recipe.model_dump(mode="json")
-    resumed = _restore(checkpoint, recipe_dump, data_key, sampler, ema, run, accelerator) if checkpoint else None
-    state = resumed.state if resumed else TrainerState()
-    module = TrainModule(method, cfg, phases, accelerator, distiller, replay,
-                         resumed.state.phase if resumed else None, resumed.optimizer if resumed else None)
-    log(f"train: method {cfg.method}, {cfg.total_steps} steps of {cfg.batch_tokens:,} tokens in {len(phases)} "
-        f"phase(s), {world} process(es) on {accelerator.device}")
 
-    export_ema = ema if ema is not None and cfg.ema.export else None
-    evaluator = Evaluator.for_recipe(recipe.eval, tokenizer) if accelerator.is_main_process else None
-    accelerator.wait_for_everyone()  # metrics.jsonl is truncated to the checkpoint by now
-    evaluated_at = [r["step"] for r in run.read_metrics() if "eval" in r]
-    callbacks = [*([MovingAverage(ema)] if ema is not None else []), MetricsFile(run), ProgressBar(),
-                 DivergenceGuard(cfg.max_bad_steps, run), Evaluation(evaluator, recipe.eval.every, evaluated_at,
-                                                                      export_ema),
-                 Checkpointer(run, cfg.checkpoint_every, cfg.keep_checkpoints, tokenizer, recipe_dump, data_key,
-                              ema),
-                 *([StepHook(on_step_end)] if on_step_end is not None else [])]
-    trainer = Trainer(module, sampler, state, cfg.total_steps, callbacks, accelerator)
-    trainer.fit()
-
-    if accelerator.is_main_process:
-        marker = {"fingerprint": key, "step": state.step, "tokens": state.tokens,
-                  "skipped_steps": state.skipped_steps, "elapsed_s": round(state.elapsed_s, 1),
-                  "tokens_by_source": sampler.tokens_by_source(cfg.seq_len), "method": cfg.method,
-                  "trainable_parameters": [{"train": p.train, "steps": p.steps,
-                                            "parameters": module.trainable[p.index]} for p in phases],
-                  "ema": export_ema is not None}
-        with export_ema.applied() if export_ema is not None else contextlib.nullcontext():
-            if method.peft:
-                with atomic_dir(run.adapter) as folder:
-                    method.save_adapter(folder, run.start_model)
-            save_model(method.export_model(), tokenizer, run.model,
-                       extra_files={run.train_marker.name: json.dumps(marker, indent=2)})
-        log(f"train: {state.step} steps, {state.tokens:,} tokens in {state.elapsed_s:.0f}s -> {run.model}")
-    accelerator.wait_for_everyone()
+def _teacher(recipe, run: RunDir, accelerator) -> tuple[Distiller | None, set[str] | None]:
+    """train.distill: the frozen start model, and the sources whose sequences are distilled on."""
+    config = recipe.train.distill
+    if config is None:
+        return None, None
+    distiller = Distiller.load(run.start_model, config, accelerator.device, recipe.trust_remote_code)
+    replay = set(config.sources if config.sources is not None else recipe.replay_sources())
+    log(f"train: distilling toward {run.start_model} on {', '.join(sorted(replay)) or 'no source'}")
+    return distiller, replay
 
 
 def open_packed(recipe, run: RunDir) -> tuple[dict[str, PackedSource], dict]:
