@@ -6,4 +6,5 @@ a fitted scaling law of continued pre-training.
     choose.py   the choice: pure functions of the pilots' measured points -> a Plan (plan.json)
     pilots.py   the recipe side: the pilots' recipe overrides, their measured points, the planned recipe
     report.py   the outputs: plan.json, recipe.yaml, report.html
+    run.py      the steps in order (`run_plan`), the training of a pilot handed in
 """

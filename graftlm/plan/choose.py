@@ -120,13 +120,10 @@ def make_plan(config: PlanConfig, points: list[Point], target: str,
     base = base_bpb(points)
     allowed = {s: config.tolerance.allowed(base[s]) for s in sets}
     max_rmse = {s: config.max_rmse_bpb or allowed[s] / 10 for s in sets}
-    fits = {"d-cpt": lambda pts, lopo=False: fit_dcpt(pts, target, config.restarts, min_ratios=2 if lopo else 3),
-            "cmr": lambda pts, lopo=False: fit_cmr(pts, target, config.restarts),
-            "mixing": lambda pts, lopo=False: fit_mixing(pts, config.restarts)}
     names = ["d-cpt", "cmr"] if config.law == "both" else [config.law]
     laws, refusals = {}, []
     for name in names:
-        law = fits[name](points)
+        law = fit_law(name, points, target, config.restarts)
         problem = _poor_fit(law, config, max_rmse)
         if problem:
             refusals.append(problem)
@@ -136,7 +133,7 @@ def make_plan(config: PlanConfig, points: list[Point], target: str,
         raise PlanError(refusals[0])
     held_out = None
     if config.law == "both":
-        held_out = _leave_one_pilot_out(points, {n: fits[n] for n in names}, sets)
+        held_out = _leave_one_pilot_out(points, names, target, sets, config.restarts)
         held_out["refused"] = refusals
         law = min(laws.values(), key=lambda law: held_out["error"][law.name])
     else:
@@ -152,6 +149,15 @@ def make_plan(config: PlanConfig, points: list[Point], target: str,
     return plan
 
 
+def fit_law(name: str, points: list[Point], target: str, restarts: int, left_out: bool = False) -> Law:
+    """Fit law `name`; `left_out`: a refit without one pilot, whose fewer shares are no reason to refuse."""
+    if name == "d-cpt":
+        return fit_dcpt(points, target, restarts, min_ratios=2 if left_out else 3)
+    if name == "cmr":
+        return fit_cmr(points, target, restarts)
+    return fit_mixing(points, restarts)
+
+
 def _poor_fit(law: Law, config: PlanConfig, max_rmse: dict[str, float]) -> str | None:
     for name, q in law.quality.items():
         if q.r2 < config.min_r2 and q.rmse > max_rmse[name]:
@@ -161,24 +167,24 @@ def _poor_fit(law: Law, config: PlanConfig, max_rmse: dict[str, float]) -> str |
     return None
 
 
-def _leave_one_pilot_out(points: list[Point], fits: dict, sets: list[str]) -> dict:
+def _leave_one_pilot_out(points: list[Point], names: list[str], target: str, sets: list[str], restarts: int) -> dict:
     ratios = sorted({p.ratio for p in points if p.tokens > 0})
     inner = ratios[1:-1]
     if not inner:
         raise PlanError("plan: law both compares the laws on pilots left out between two others: give at least 3 "
                         "plan.ratios")
     errors = {}
-    for name, fit in fits.items():
+    for name in names:
         diffs = []
         for ratio in inner:
             kept = [p for p in points if p.ratio != ratio]
-            left_out = [p for p in points if p.ratio == ratio and p.tokens > 0]
+            held = [p for p in points if p.ratio == ratio and p.tokens > 0]
             try:
-                law = fit(kept, lopo=True)
+                law = fit_law(name, kept, target, restarts, left_out=True)
             except PlanError:
                 diffs = [math.inf]
                 break
-            for p in left_out:
+            for p in held:
                 predicted = law.predict(ratio, [p.tokens])
                 diffs += [abs(float(predicted[s][0]) - p.bpb[s]) for s in sets]
         errors[name] = float(np.mean(diffs))

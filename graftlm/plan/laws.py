@@ -35,9 +35,10 @@ exponents are fixed (η, β, γ, ε; s; t). So:
      quadratically), where σ̂ = 1.4826·median|residual| of the best plain refinement; floored at 1e-4 bpb (below
      what an evaluation of a few thousand bytes resolves), so that a near-perfect fit does not treat every point
      as an outlier;
-  4. each plain refinement is refined again over all parameters with loss="huber" and that f_scale (a Huber fit
-     started far away, where every residual is past f_scale, stalls: hence the plain step first); the lowest
-     Huber cost wins.
+  4. each plain refinement with a residual past f_scale is refined again over all parameters with loss="huber"
+     and that f_scale (a Huber fit started far away, where every residual is past f_scale, stalls: hence the
+     plain step first; where no residual is past it, the Huber loss is the squared loss and the plain optimum
+     is already the Huber one); the lowest Huber cost wins.
 The grid is fixed (no random numbers), so the same pilots always give the same fit. Token counts are divided by
 the largest fitted one inside the fit (conditioning); `params()` reports the coefficients for tokens as counted.
 """
@@ -58,6 +59,9 @@ HUBER_K = 1.345
 """f_scale = HUBER_K · σ̂ (Huber's tuning constant for 95% Gaussian efficiency)."""
 MIN_F_SCALE = 1e-4
 """The smallest Huber scale, in bits per byte."""
+MAX_HUBER_STEPS = 100
+"""Function evaluations of a Huber refinement (it starts at a least-squares optimum: near, unless a flat valley of
+nearly interchangeable parameters lets it crawl)."""
 
 
 class PlanError(GraftError):
@@ -191,18 +195,24 @@ def fit_curve(form: Form, x: np.ndarray, y: np.ndarray, restarts: int, what: str
     for _, start in scored[:restarts]:
         result = least_squares(lambda theta: residuals(np.concatenate([solved(theta), theta])), start[k:],
                                bounds=(lower[k:], upper[k:]), method="trf")
-        plain.append(np.concatenate([solved(result.x), result.x]))
+        if not any(np.allclose(result.x, p[k:], atol=1e-4) for p in plain):  # restarts that met count once
+            plain.append(np.concatenate([solved(result.x), result.x]))
     sigma = 1.4826 * float(np.median(np.abs(min((residuals(p) for p in plain), key=lambda r: r @ r))))
     f_scale = max(HUBER_K * sigma, MIN_F_SCALE)
-    best = None
+    best, best_cost = None, math.inf
     for start in plain:
-        result = least_squares(residuals, start, jac=jacobian, bounds=(lower, upper), method="trf", loss="huber",
-                               f_scale=f_scale, x_scale="jac")
-        if best is None or result.cost < best.cost:
-            best = result
-    coef, theta = best.x[:k], best.x[k:]
+        r = residuals(start)
+        if np.max(np.abs(r)) <= f_scale:  # no residual past f_scale: the Huber loss is the squared one here
+            params, cost = start, 0.5 * float(r @ r)
+        else:
+            result = least_squares(residuals, start, jac=jacobian, bounds=(lower, upper), method="trf",
+                                   loss="huber", f_scale=f_scale, max_nfev=MAX_HUBER_STEPS)
+            params, cost = result.x, float(result.cost)
+        if cost < best_cost:
+            best, best_cost = params, cost
+    coef, theta = best[:k], best[k:]
     fitted = form.basis(x, theta) @ coef
-    return Curve(form, coef, theta, quality_of(y, fitted, float(best.cost)), y, fitted, float(best.cost), f_scale)
+    return Curve(form, coef, theta, quality_of(y, fitted, best_cost), y, fitted, best_cost, f_scale)
 
 
 def pooled_quality(curves: list[Curve]) -> Quality:
