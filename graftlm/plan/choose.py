@@ -5,7 +5,10 @@ recomputed, tested and compared without training anything.
 
 The rule (CMR's and D-CPT's): the chosen target share is the largest one, between the smallest and the largest
 pilot share, whose predicted rise of every source set's bits per byte over the start model stays within the
-tolerance at every token count from the first evaluation up to the budget (searched on a grid of 0.001). With
+tolerance at every token count from the first evaluation up to the budget (searched on a grid of 0.001). Under
+CMR this is the critical mixture ratio: each pilot's fitted curves give its predicted rise, and between two pilots
+the prediction is the linear interpolation of theirs (laws.py), so the crossing of the tolerance is located
+between the two pilots that bracket it. With
 several varied shares (Data Mixing Laws) the chosen mixture is, among those within the tolerance at the pilots'
 length, the one with the lowest predicted target bpb (searched on a grid over the pilots' range of each share).
 

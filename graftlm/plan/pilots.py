@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,8 +145,9 @@ def _target_share(recipe: Recipe, weights: dict[str, float]) -> float:
 
 
 def _name(ratio: float | dict[str, float]) -> str:
+    """A pilot's folder name: `r0.7`, or `vi0.6-code0.1` (source names stripped to safe characters)."""
     if isinstance(ratio, dict):
-        return "-".join(f"{n}{s:g}" for n, s in ratio.items())
+        return "-".join(re.sub(r"[^A-Za-z0-9._]+", "", n) + f"{s:g}" for n, s in ratio.items())
     return f"r{ratio:g}"
 
 
@@ -163,6 +165,8 @@ def pilot_variants(recipe: Recipe) -> list[Pilot]:
         pilots.append(Pilot(name, share, tokens, weights,
                             tuple(pilot_overrides(recipe, weights, tokens, validation)),
                             dict(ratio) if isinstance(ratio, dict) else {}, validation))
+    if len({p.name for p in pilots}) != len(pilots):
+        raise RecipeError("plan.ratios: two pilots would get the same folder name; rename the varied sources")
     return pilots
 
 
