@@ -23,6 +23,7 @@ from graftlm.data.config import MixtureConfig, PackConfig, SourceConfig
 from graftlm.errors import RecipeError
 from graftlm.evaluate.config import EvalConfig
 from graftlm.merge.config import MergeConfig
+from graftlm.plan.config import PlanConfig
 from graftlm.report.config import ReportConfig
 from graftlm.train.config import TrainConfig
 from graftlm.vocab.config import VocabConfig
@@ -55,6 +56,8 @@ class Recipe(Section):
     merge: MergeConfig | None = None
     """Averaging and merging after training (graftlm/merge/); absent (null): the trained model is the result."""
     report: ReportConfig = ReportConfig()
+    plan: PlanConfig | None = None
+    """Pilot runs and a fitted law that choose the mixture and the budget (graftlm/plan/); absent (null): none."""
     _target: str = PrivateAttr(default="")
 
     @field_validator("name")
