@@ -32,11 +32,10 @@ from graftlm.report import plots
 from graftlm.report.page import STYLE, embed_png, html_table
 from graftlm.report.verdict import Verdict, compute_verdict
 from graftlm.runs import RunDir, write_json_atomic, write_text_atomic
+from graftlm.stage import link_prepared
 
 DATA_KEYS = tuple(dict.fromkeys(key for name in PREPARE_STAGES for key in STAGES[name].recipe_keys))
 """Recipe keys whose change needs other prepared data."""
-SHARED_FOLDERS = tuple(output for name in PREPARE_STAGES for output in STAGES[name].outputs)
-"""The prepared data's folders (RunDir attributes), linked into every variant that shares it."""
 
 
 @dataclass(frozen=True)
@@ -117,21 +116,12 @@ def run_compare(recipe_path: Path | None, overrides: list[str], varies: list[str
         if variant.changes_data:
             run_stages(variant_recipe, run, tuple(STAGES))
         else:  # the prepared data is the recipe's own, linked, and not to be touched
-            _link_prepared(parent, run)
+            link_prepared(parent, run, STAGES)
             run_stages(variant_recipe, run, tuple(s for s in STAGES if s not in PREPARE_STAGES), needs=False)
         runs[variant.name] = (variant, variant_recipe, run)
     page = write_compare_report(parent, runs)
     log(f"compare: {page}")
     return page
-
-
-def _link_prepared(parent: RunDir, run: RunDir) -> None:
-    """The variant's base/, curated/, vocab/, packed/ are links to the recipe's own."""
-    run.root.mkdir(parents=True, exist_ok=True)
-    for name in SHARED_FOLDERS:
-        link, target = getattr(run, name), getattr(parent, name)
-        if target.exists() and not link.exists():
-            link.symlink_to(os.path.relpath(target, run.root), target_is_directory=True)
 
 
 # ---- the report ------------------------------------------------------------------------------------------------

@@ -52,6 +52,8 @@ class Stage:
         self.fresh = fresh
         """Redo the work even when the marker says it is up to date."""
         self.options = options
+        self.stages: dict[str, type[Stage]] = {}
+        """The pipeline this stage runs in (set by the runner): a stage that runs others (plan) asks it."""
 
     def enabled(self) -> bool:
         """False when the recipe leaves the stage out (no `curate:` section, ...)."""
@@ -126,6 +128,7 @@ def bring_up_to_date(recipe: "Recipe", run_dir: RunDir, stages: dict[str, type[S
     timings = read_json(run_dir.timings) if group.main and run_dir.timings.is_file() else {}
     for name in ordered(names, stages) if needs else [n for n in stages if n in names]:
         stage = stages[name](recipe, run_dir, **(options or {}).get(name, {}))
+        stage.stages = stages
         if not stage.distributed and not group.main:
             group.wait()
             continue
@@ -136,6 +139,17 @@ def bring_up_to_date(recipe: "Recipe", run_dir: RunDir, stages: dict[str, type[S
             write_json_atomic(run_dir.timings, timings)
         if not stage.distributed:
             group.wait()
+
+
+def link_prepared(parent: RunDir, run: RunDir, stages: dict[str, type[Stage]]) -> None:
+    """Make `run` share `parent`'s prepared data: its base/, curated/, vocab/, packed/ become links to the
+    parent's (compare variants, plan pilots). Then run only the stages after them, with `needs=False`."""
+    run.root.mkdir(parents=True, exist_ok=True)
+    for stage in stages.values():
+        for output in stage.outputs if stage.prepares_data else ():
+            link, target = getattr(run, output), getattr(parent, output)
+            if target.exists() and not link.exists():
+                link.symlink_to(os.path.relpath(target, run.root), target_is_directory=True)
 
 
 def _run_stage(stage: Stage, main: bool) -> bool:

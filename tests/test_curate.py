@@ -292,7 +292,7 @@ def test_slurm_runs_the_curation_jobs_chained(tmp_path):
     data = write_jsonl(tmp_path / "vi.jsonl", VI_DOCS[:2])
     config = CurateConfig(executor="slurm", executor_options={"partition": "cpu", "time": "1:00:00"})
     jobs = plan_jobs("vi", SourceConfig(paths=[str(data)], lang="vi"), "vi", config, tmp_path / "work", 2,
-                         [str(data)])
+                     [str(data)])
     executor = None
     for job in jobs:
         executor = make_executor(config, job, "graft-x-vi", depends=executor)

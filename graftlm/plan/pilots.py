@@ -25,13 +25,7 @@ from graftlm.plan.choose import Plan
 from graftlm.plan.config import PlanConfig
 from graftlm.plan.laws import PlanError, Point
 from graftlm.recipe import Recipe, apply_override, validate_recipe
-from graftlm.report.verdict import target_language as _heaviest_source_language
 from graftlm.runs import RunDir
-
-
-def target_language(recipe: Recipe) -> str:
-    # lead: replace with recipe.target_language
-    return _heaviest_source_language(recipe)
 
 
 @dataclass(frozen=True)
@@ -62,7 +56,7 @@ def varied_sources(recipe: Recipe) -> list[str]:
     plan = plan_of(recipe)
     if plan.vary:
         return list(plan.vary)
-    target = target_language(recipe)
+    target = recipe.target_language
     return [name for name in recipe.mixture_weights() if (recipe.sources[name].lang or name) == target]
 
 
@@ -74,7 +68,7 @@ def check_plan(recipe: Recipe) -> PlanConfig:
             raise RecipeError(f"plan.vary: '{name}' is not a source (sources: {', '.join(recipe.sources)})")
     if len(recipe.mixture_weights()) < 2:
         raise RecipeError("plan: the mixture has one source: there is no share to choose (add a replay source)")
-    target = target_language(recipe)
+    target = recipe.target_language
     if plan.law != "mixing" and any((recipe.sources[n].lang or n) != target for n in plan.vary):
         raise RecipeError(f"plan.vary: law {plan.law} fits the target language's share ('{target}'): vary one of its "
                           f"sources, or use law: mixing to vary another share")
@@ -140,7 +134,7 @@ def pilot_weights(recipe: Recipe, ratio: float | dict[str, float]) -> dict[str, 
 
 
 def _target_share(recipe: Recipe, weights: dict[str, float]) -> float:
-    target = target_language(recipe)
+    target = recipe.target_language
     return round(sum(w for n, w in weights.items() if (recipe.sources[n].lang or n) == target), 6)
 
 

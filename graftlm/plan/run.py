@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from graftlm.plan.choose import make_plan
-from graftlm.plan.pilots import pilot_recipe, pilot_variants, read_points, target_language
+from graftlm.plan.pilots import pilot_recipe, pilot_variants, read_points
 from graftlm.plan.report import summary, write_plan
 from graftlm.progress import log
 from graftlm.recipe import Recipe
@@ -35,7 +35,7 @@ def run_plan(recipe: Recipe, folder: str | os.PathLike, train_pilot: Callable[[R
         train_pilot(pilot_recipe(recipe, pilot), pilot_dir(folder, pilot.name))
     fitted = [p for pilot in pilots if not pilot.validation for p in read_points(pilot_dir(folder, pilot.name), pilot)]
     validation = [p for pilot in pilots if pilot.validation for p in read_points(pilot_dir(folder, pilot.name), pilot)]
-    plan = make_plan(recipe.plan, fitted, target_language(recipe), validation or None)
+    plan = make_plan(recipe.plan, fitted, recipe.target_language, validation or None)
     data = write_plan(folder, recipe, plan, fitted, validation)
     log(summary(data))
     return data
