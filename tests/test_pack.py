@@ -40,16 +40,25 @@ def test_packing_is_deterministic_and_shards_split(tmp_path, smol_tokenizer_dir)
     assert np.array_equal(all_tokens(tmp_path / "a"), all_tokens(tmp_path / "c"))
 
 
-def test_unchanged_inputs_skip_the_work(tmp_path, smol_tokenizer_dir):
-    data = tmp_path / "d.jsonl"
-    data.write_text(json.dumps({"text": "Xin chào thế giới"}) + "\n")
-    source = SourceConfig(paths=[str(data)])
-    first = pack_source("s", source, smol_tokenizer_dir, tmp_path / "p")
-    stamp = os.stat(tmp_path / "p/shard-00000.bin").st_mtime_ns
-    assert pack_source("s", source, smol_tokenizer_dir, tmp_path / "p") == first
-    assert os.stat(tmp_path / "p/shard-00000.bin").st_mtime_ns == stamp
-    data.write_text(json.dumps({"text": "Xin chào thế giới"}) + "\n" + json.dumps({"text": "Hai"}) + "\n")
-    assert pack_source("s", source, smol_tokenizer_dir, tmp_path / "p")["documents"] == 2
+def test_the_pack_stage_skips_unchanged_sources_and_repacks_a_changed_one(tmp_path, tiny_model_dir):
+    from graftlm.pipeline import run_stages
+    from graftlm.recipe import validate_recipe
+    from graftlm.runs import RunDir
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text(json.dumps({"text": "Xin chào thế giới"}) + "\n")
+    b.write_text(json.dumps({"text": "Hello world"}) + "\n")
+    recipe = validate_recipe({"name": "p", "base_model": str(tiny_model_dir),
+                              "sources": {"a": {"paths": [str(a)]}, "b": {"paths": [str(b)]}}})
+    run = RunDir.for_recipe(recipe, tmp_path / "runs")
+    run_stages(recipe, run, ("pack",))
+    stamps = {n: os.stat(run.packed / n / "shard-00000.bin").st_mtime_ns for n in "ab"}
+    run_stages(recipe, run, ("pack",))
+    assert {n: os.stat(run.packed / n / "shard-00000.bin").st_mtime_ns for n in "ab"} == stamps
+    a.write_text(json.dumps({"text": "Xin chào thế giới"}) + "\n" + json.dumps({"text": "Hai"}) + "\n")
+    run_stages(recipe, run, ("pack",))
+    assert PackedSource.open(run.packed / "a").manifest["documents"] == 2
+    assert os.stat(run.packed / "b" / "shard-00000.bin").st_mtime_ns == stamps["b"]
 
 
 def test_token_dtype_fits_the_vocabulary():
