@@ -40,7 +40,7 @@ class RunDir:
 
     @classmethod
     def for_recipe(cls, recipe: "Recipe", runs_dir: str | os.PathLike = "runs") -> "RunDir":
-        return cls(Path(runs_dir) / recipe.name, extended_vocab=recipe.vocab is not None)
+        return cls(inside(runs_dir, recipe.name), extended_vocab=recipe.vocab is not None)
 
     recipe = property(lambda self: self.root / "recipe.yaml")
     base = property(lambda self: self.root / "base")

@@ -37,7 +37,7 @@ from graftlm.data.read import resolve_paths
 from graftlm.errors import DataError, GraftError, RecipeError
 from graftlm.progress import log
 from graftlm.recipe import Recipe
-from graftlm.runs import RunDir, atomic_dir, file_signature, fingerprint, read_json, write_json_atomic
+from graftlm.runs import RunDir, atomic_dir, file_signature, fingerprint, inside, read_json, write_json_atomic
 
 CURATE_FORMAT = 1
 EXECUTION_KEYS = {"sources", "executor", "executor_options", "workers", "tasks"}
@@ -62,7 +62,7 @@ def curate_source(run_name: str, name: str, source: SourceConfig, config: Curate
     files = resolve_paths(source, name)
     key = fingerprint(CURATE_FORMAT, config.model_dump(mode="json", exclude=EXECUTION_KEYS),
                       source.model_dump(mode="json"), [file_signature(f) for f in files])
-    final, work = curated / name, curated / ".work" / name
+    final, work = inside(curated, name), inside(curated, ".work", name)
     if (final / "stats.json").is_file() and read_json(final / "stats.json").get("fingerprint") == key:
         shutil.rmtree(work, ignore_errors=True)  # what a Slurm run leaves behind
         log(f"curate: {name} is up to date ({final})")
@@ -76,7 +76,7 @@ def curate_source(run_name: str, name: str, source: SourceConfig, config: Curate
     header = {"source": name, "lang": lang, "fingerprint": key, "files": [file_signature(f) for f in files],
               "executor": config.executor, "tasks": tasks, "settings": _settings(config, lang)}
     stages = plan_stages(name, source, lang, config, work, tasks, files)
-    finalize = Finalize(header, work, final, curated / "excluded" / name, {s.name: str(s.logging_dir) for s in stages})
+    finalize = Finalize(header, work, final, inside(curated, "excluded", name), {s.name: str(s.logging_dir) for s in stages})
     stages.append(Stage("finalize", [finalize], 1, work / "logs/finalize"))
     run_stages(config, stages, job_name=f"graft-{run_name}-{name}", label=name)
     if config.executor == "slurm":

@@ -123,14 +123,14 @@ def pack_source(name: str, source: SourceConfig, tokenizer_dir: str | Path, out_
 
 def pack_all(recipe, run: RunDir) -> dict[str, dict]:
     """The `pack` stage: every source of the recipe (its curated text when curation ran) with the run's tokenizer."""
-    return {name: pack_source(name, training_source(run, name, source), run.start_model, run.packed / name,
+    return {name: pack_source(name, training_source(run, name, source), run.start_model, run.inside("packed", name),
                               recipe.pack)
             for name, source in recipe.sources.items()}
 
 
 def training_source(run: RunDir, name: str, source: SourceConfig) -> SourceConfig:
     """What training reads for a source: the curated documents when curation finished for it, else the raw ones."""
-    curated = run.curated / name
+    curated = run.inside("curated", name)
     if (curated / "stats.json").is_file():
         return SourceConfig(paths=[str(curated / "*.jsonl.gz")], format="jsonl", text_field="text",
                             lang=source.lang)
