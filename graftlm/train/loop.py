@@ -33,8 +33,8 @@ from graftlm.models import save_model, tokenizer_files
 from graftlm.progress import log, steps_progress
 from graftlm.recipe import Recipe
 from graftlm.runs import RunDir, atomic_dir, fingerprint, hash_files, read_json
-from graftlm.train.checkpoint import (check_resumable, complete_checkpoints, load_training_state,
-                                      restore_rng_states, save_checkpoint)
+from graftlm.train.checkpoint import (check_resumable, complete_checkpoints, latest_valid_checkpoint,
+                                      load_training_state, restore_rng_states, save_checkpoint)
 from graftlm.train.distill import Distiller, replay_sources
 from graftlm.train.ema import EMA
 from graftlm.train.loss import CausalLMLoss
@@ -82,11 +82,14 @@ def train(recipe: Recipe, run: RunDir, fresh: bool = False,
     if not fresh and _final_model_matches(run, final_key):
         log(f"train: {run.model} is up to date")
         return run.model
-    checkpoints = [] if fresh else complete_checkpoints(run)
-    if not checkpoints and accelerator.is_main_process:
+    resume_from = None if fresh or not accelerator.is_main_process else latest_valid_checkpoint(run)
+    if world > 1:  # the main process verified the checkpoints (and moved damaged ones aside): all follow it
+        from accelerate.utils import broadcast_object_list
+
+        resume_from = broadcast_object_list([resume_from])[0]
+    if resume_from is None and accelerator.is_main_process:
         _clear_outputs(run)  # starting over: nothing that an earlier, unfinished run logged may stay
     accelerator.wait_for_everyone()
-    resume_from = checkpoints[-1][1] if checkpoints else None
     state = TrainerState()
     torch.manual_seed(cfg.seed)  # before adapters are initialised; a resumed run restores its own random state
     method = Method.load(cfg, run.start_model, resume_from, recipe.trust_remote_code)
