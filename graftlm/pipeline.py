@@ -89,6 +89,9 @@ COMPLETION_MARKERS = {"base": "base/graft-base.json", "curate": "curated/*/stats
 def run_stages(recipe: Recipe, run: RunDir, stages=tuple(STAGES)) -> None:
     """Run `stages` in order. The seconds of each stage that did work go to runs/<name>/timings.json (a stage that
     was up to date keeps the time it took when it did), so the report's wall time is the run's, not this call's."""
+    from graftlm.checks import check_inputs
+
+    check_inputs(recipe)  # a missing file or a seq_len too long is said now, not after the base export
     run.write_recipe(recipe)
     timings = read_json(run.timings) if run.timings.is_file() else {}
     for name in stages:
