@@ -67,12 +67,14 @@ def check_inputs(recipe: "Recipe") -> None:
 
 
 def _keyed(key: str, check, spec: str):
-    """`check(spec)`, its error naming `key` rather than base_model (an error naming a file is kept as it is)."""
+    """`check(spec)`, its error naming `key` where it names base_model."""
     try:
         return check(spec)
     except GraftError as e:
-        message = str(e).removeprefix("base_model: ")
-        raise type(e)(message if os.path.isabs(message.split(":")[0]) else f"{key}: {message}") from None
+        message = str(e)
+        if key == "base_model" or not message.startswith("base_model: "):
+            raise
+        raise type(e)(f"{key}: {message.removeprefix('base_model: ')}") from None
 
 
 def _check_file(path: str, key: str) -> None:

@@ -168,6 +168,7 @@ def main() -> None:
 def _fail(message: str, code: int) -> None:
     from rich.markup import escape
 
+    message = "; ".join(line.strip() for line in message.splitlines() if line.strip())  # one line, always
     console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     sys.exit(code)
 
@@ -178,7 +179,9 @@ def describe_os_error(e: OSError) -> str:
     import os
     import shutil
 
-    where = e.filename or "."
+    where = e.filename
+    if e.errno in (errno.ENOSPC, errno.EDQUOT) and where is None:
+        return "no space left on the disk; free some space and run again"
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         folder = os.path.abspath(where)
         while not os.path.isdir(folder) and folder != os.path.dirname(folder):

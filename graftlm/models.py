@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from graftlm.errors import GraftError
 from graftlm.model_files import check_safetensors, config_positions, read_gguf_header
-from graftlm.runs import RunDir, atomic_dir, file_signature, fingerprint, read_json
+from graftlm.runs import RunDir, atomic_dir, disk_full_as_oserror, file_signature, fingerprint, read_json
 
 if TYPE_CHECKING:
     import torch
@@ -248,7 +248,7 @@ def save_model(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase | N
                extra_files: dict[str, str] | None = None) -> None:
     """Write a standard Hugging Face folder (safetensors), atomically."""
     _quiet_transformers()
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder) as tmp, disk_full_as_oserror(folder):
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             save_tokenizer(tokenizer, tmp)

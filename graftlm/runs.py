@@ -16,6 +16,7 @@ final name as `<name>.tmp-<pid>` and renamed when complete; the leftovers of a p
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -210,11 +211,16 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     remove_stale(final.parent)
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as e:  # a read-only or full disk: name the output, not its temporary name
+        raise _naming(e, final) from None
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and (e.filename is None or str(e.filename).startswith(str(tmp))):
+            raise _naming(e, final) from None  # a write error says no file, or the temporary one: name the output
         raise
     old = final.with_name(f"{final.name}.old-{os.getpid()}")
     if final.exists():
@@ -231,10 +237,19 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     try:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(e, OSError) and e.filename in (None, str(tmp)):  # name the file, not its temporary name
+            raise _naming(e, path) from None
         raise
+
+
+def _naming(e: OSError, path: str | os.PathLike) -> OSError:
+    """The same OSError, naming `path` (keeping what it carries, such as the bytes a full disk needed)."""
+    named = OSError(e.errno, e.strerror or str(e), str(path))
+    named.__dict__.update(getattr(e, "__dict__", {}))
+    return named
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
@@ -265,3 +280,29 @@ def hash_files(paths: list[Path]) -> str:
         h.update(path.name.encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
+
+
+def disk_full(path: str | os.PathLike, needed: int | None = None) -> OSError:
+    """The OSError of a full disk, with the bytes that were needed (the CLI prints them beside the free space)."""
+    error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    error.needed_bytes = needed  # type: ignore[attr-defined]
+    return error
+
+
+@contextlib.contextmanager
+def disk_full_as_oserror(path: str | os.PathLike, needed: int | None = None) -> Iterator[None]:
+    """torch.save reports a full disk as RuntimeError ("unexpected pos ..."), safetensors as SafetensorError ("No
+    space left on device (os error 28)"): make it the OSError it is, naming `path`, so the CLI says it in one line."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full(path, needed) from None
+        raise
+    except Exception as e:
+        said = "No space left on device" in str(e) or "os error 28" in str(e)
+        inferred = isinstance(e, RuntimeError) and needed is not None and \
+            shutil.disk_usage(Path(path).parent).free < needed
+        if said or inferred:
+            raise disk_full(path, needed) from None
+        raise

@@ -142,7 +142,8 @@ UNREADABLE = (OSError, EOFError, zlib.error, zstandard.ZstdError)
 
 
 def _reason(e: BaseException) -> str:
-    return str(e) or type(e).__name__
+    """An exception's message on one line (pyarrow's span several)."""
+    return "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
 
 
 class _Lines:
@@ -319,7 +320,7 @@ def _read_parquet(path: str, key: str, on_bad: OnBad) -> Iterator[Record]:
     try:
         parquet = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a file that is not parquet
-        on_bad(f"{path}: not a readable parquet file: {e}", "unreadable file")
+        on_bad(f"{path}: not a readable parquet file: {_reason(e)}", "unreadable file")
         return
     columns = parquet.schema_arrow.names
     if key not in columns:
@@ -338,9 +339,28 @@ def _read_parquet(path: str, key: str, on_bad: OnBad) -> Iterator[Record]:
             return
         if batch is None:
             return
-        for value in batch.column(0).to_pylist():
+        for value in _column_values(batch.column(0)):
             row += 1
-            if not isinstance(value, str):
+            if value is _NOT_UTF8:
+                on_bad(f"{path}:{row}: column '{key}' is not valid UTF-8", "not UTF-8")
+            elif not isinstance(value, str):
                 on_bad(f"{path}:{row}: column '{key}' is {type(value).__name__}, expected a string", "field not text")
             else:
                 yield Record(value, path, row)
+
+
+_NOT_UTF8 = object()
+
+
+def _column_values(column) -> list:
+    """A parquet column's values; a string that is not valid UTF-8 (a damaged page) becomes `_NOT_UTF8`."""
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        values = []
+        for i in range(len(column)):
+            try:
+                values.append(column[i].as_py())
+            except UnicodeDecodeError:
+                values.append(_NOT_UTF8)
+        return values

@@ -19,12 +19,11 @@ reported in one line and moved aside to runs/<name>/corrupt/, and training resum
 from __future__ import annotations
 
 import contextlib
-import errno
 import re
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
@@ -32,7 +31,8 @@ from graftlm.errors import GraftError
 from graftlm.model_files import check_safetensors
 from graftlm.models import save_tokenizer
 from graftlm.progress import log
-from graftlm.runs import RunDir, atomic_dir, read_json, remove_stale, write_json_atomic
+from graftlm.runs import (RunDir, atomic_dir, disk_full, disk_full_as_oserror, read_json, remove_stale,
+                          write_json_atomic)
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 MANIFEST = "manifest.json"
@@ -162,9 +162,12 @@ def save_checkpoint(run: RunDir, step: int, model, tokenizer, optimizer: torch.o
                     trainer_state: dict[str, Any], keep: int, write_more: Callable[[Path], None] | None = None) -> Path:
     """`model` is a plain transformers model; `write_more(folder)` adds what else resuming needs."""
     folder = checkpoint_path(run, step)
-    needed = _checkpoint_bytes(run, model)
-    _check_space(folder, needed)
-    with atomic_dir(folder) as tmp, _disk_full_as_oserror(folder, needed):
+    needed, known = _checkpoint_bytes(run, model)
+    if known:  # the same size as the last one: a disk without that much room is said before writing
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        if shutil.disk_usage(folder.parent).free < needed:
+            raise disk_full(folder, needed)
+    with atomic_dir(folder) as tmp, disk_full_as_oserror(folder, needed):
         model.save_pretrained(tmp, safe_serialization=True)
         save_tokenizer(tokenizer, tmp)
         if write_more is not None:
@@ -177,43 +180,13 @@ def save_checkpoint(run: RunDir, step: int, model, tokenizer, optimizer: torch.o
     return folder
 
 
-def _checkpoint_bytes(run: RunDir, model) -> int:
-    """About how much a checkpoint takes: the newest one's size, else the weights and two Adam moments."""
+def _checkpoint_bytes(run: RunDir, model) -> tuple[int, bool]:
+    """About how much a checkpoint takes, and whether that is known: the newest one's size, else a guess (the
+    weights and two Adam moments)."""
     for _, folder in reversed(complete_checkpoints(run)):
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            return sum(entry["size"] for entry in read_json(folder / MANIFEST)["files"].values())
-    return 3 * sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def _check_space(folder: Path, needed: int) -> None:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(folder.parent).free
-    if free < needed:
-        raise disk_full(folder, needed)
-
-
-def disk_full(path: Path, needed: int | None = None) -> OSError:
-    """The OSError for a full disk, with the bytes that were needed (the CLI prints them with the free space)."""
-    error = OSError(errno.ENOSPC, "No space left on device", str(path))
-    error.needed_bytes = needed  # type: ignore[attr-defined]
-    return error
-
-
-@contextlib.contextmanager
-def _disk_full_as_oserror(folder: Path, needed: int) -> Iterator[None]:
-    """torch.save and safetensors report a full disk as RuntimeError ("unexpected pos ...") or SafetensorError;
-    make it the OSError it is, so that the CLI says so in one line."""
-    try:
-        yield
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise disk_full(folder, needed) from None
-        raise
-    except Exception as e:
-        full = "No space left" in str(e) or shutil.disk_usage(folder.parent).free < needed
-        if full and (isinstance(e, RuntimeError) or type(e).__name__ == "SafetensorError"):
-            raise disk_full(folder, needed) from None
-        raise
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+            return sum(entry["size"] for entry in read_json(folder / MANIFEST)["files"].values()), True
+    return 3 * sum(p.numel() * p.element_size() for p in model.parameters()), False
 
 
 def load_training_state(folder: Path) -> tuple[dict, dict]:
