@@ -9,7 +9,7 @@ from typing import Callable
 
 from graftlm.progress import log
 from graftlm.recipe import Recipe
-from graftlm.runs import RunDir, read_json, write_json_atomic
+from graftlm.runs import RunDir, read_json, remove_stale_tree, write_json_atomic
 
 
 def _base(recipe: Recipe, run: RunDir) -> None:
@@ -92,6 +92,7 @@ def run_stages(recipe: Recipe, run: RunDir, stages=tuple(STAGES)) -> None:
     from graftlm.checks import check_inputs
 
     check_inputs(recipe)  # a missing file or a seq_len too long is said now, not after the base export
+    remove_stale_tree(run.root)  # what killed runs left half-written (*.tmp-PID, 517 MB each with the default model)
     run.write_recipe(recipe)
     timings = read_json(run.timings) if run.timings.is_file() else {}
     for name in stages:

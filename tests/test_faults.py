@@ -579,3 +579,17 @@ def test_resume_survives_corrupt_checkpoints_and_a_torn_metrics_line(tmp_path, t
             lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
             assert result.returncode == 1 and len(lines) == 1 and "read-only" in lines[0], result.stderr[-2000:]
             assert "Traceback" not in result.stderr
+
+
+def test_a_packed_source_shorter_than_one_sequence_names_the_source(tmp_path):
+    """What check_inputs cannot know (a compressed or curated source): said when the sampler opens the sources."""
+    import numpy as np
+
+    from graftlm.data.mix import MixtureSampler
+    from graftlm.data.pack import PackedSource
+
+    np.arange(20, dtype=np.uint16).tofile(tmp_path / "shard-00000.bin")
+    packed = PackedSource(tmp_path, {"dtype": "uint16", "shards": [{"file": "shard-00000.bin", "tokens": 20}]})
+    with pytest.raises(DataError, match=r"^sources\.vi: 20 packed tokens, fewer than one training sequence "
+                                        r"\(train.seq_len \+ 1 = 33\)"):
+        MixtureSampler({"vi": packed}, {"vi": 1.0}, seq_len=32, seed=0)
