@@ -95,7 +95,10 @@ def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
                 (dims,) = reader.unpack("<I")
                 shape = reader.unpack(f"<{dims}Q")
                 kind, offset = reader.unpack("<IQ")
-                block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+                try:
+                    block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+                except (ValueError, KeyError):  # a type newer than the gguf package: its size is not checked
+                    continue
                 elements = 1
                 for n in shape:
                     elements *= n
