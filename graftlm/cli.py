@@ -158,10 +158,45 @@ def main() -> None:
     try:
         app()
     except GraftError as e:
-        from rich.markup import escape
-
-        console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
-        sys.exit(e.exit_code)
+        _fail(str(e), e.exit_code)
+    except OSError as e:  # the machine, not the recipe: a read-only folder, a full disk, a permission
+        _fail(describe_os_error(e), 1)
     except KeyboardInterrupt:
         console.print("interrupted")
         sys.exit(130)
+
+
+def _fail(message: str, code: int) -> None:
+    from rich.markup import escape
+
+    message = "; ".join(line.strip() for line in message.splitlines() if line.strip())  # one line, always
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    sys.exit(code)
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for an OSError: the file, what happened, and for a full disk the space free and needed."""
+    import errno
+    import os
+    import shutil
+
+    where = e.filename
+    if e.errno in (errno.ENOSPC, errno.EDQUOT) and where is None:
+        return "no space left on the disk; free some space and run again"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        folder = os.path.abspath(where)
+        while not os.path.isdir(folder) and folder != os.path.dirname(folder):
+            folder = os.path.dirname(folder)
+        free = shutil.disk_usage(folder).free
+        needed = getattr(e, "needed_bytes", None)
+        return (f"{where}: no space left on the disk ({_size(free)} free in {folder}"
+                + (f", about {_size(needed)} needed" if needed else "") + "); free some space and run again")
+    reason = {errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+              errno.EPERM: "operation not permitted"}.get(e.errno, e.strerror or str(e))
+    if e.filename is None:
+        return f"{reason} ({type(e).__name__})"
+    return f"{where}: {reason}" + (f" (-> {e.filename2})" if e.filename2 else "")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"

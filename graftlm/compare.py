@@ -112,7 +112,7 @@ def run_compare(recipe_path: Path | None, overrides: list[str], varies: list[str
     runs: dict[str, tuple[Variant, Recipe, RunDir]] = {}
     for i, (variant, variant_recipe) in enumerate(loaded):
         log(f"compare: variant {i + 1}/{len(variants)}: {variant.name} ({' '.join(variant.overrides)})")
-        run = RunDir(parent.root / "compare" / variant.name, extended_vocab=variant_recipe.vocab is not None)
+        run = RunDir(parent.inside("compare", variant.name), extended_vocab=variant_recipe.vocab is not None)
         if variant.changes_data:
             run_stages(variant_recipe, run, tuple(STAGES))
         else:  # the prepared data is the recipe's own, linked, and not to be touched

@@ -9,12 +9,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import pickle
+import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from graftlm.errors import GraftError
-from graftlm.runs import atomic_dir, file_signature, read_json
+from graftlm.model_files import check_safetensors, config_positions, read_gguf_header
+from graftlm.runs import atomic_dir, disk_full_as_oserror, file_signature, read_json
 
 if TYPE_CHECKING:
     import torch
@@ -67,21 +71,135 @@ def resolve_model(spec: str) -> ModelSource:
     return ModelSource("hub", spec)
 
 
+def check_model(spec: str) -> ModelSource:
+    """`resolve_model`, and what can be checked in milliseconds before loading: the weights files are whole (a
+    .safetensors or .gguf cut short is named), and a hub id is in the local cache, or the hub can be reached (when
+    it cannot, the cached copy is what loads)."""
+    source = resolve_model(spec)
+    if source.kind == "gguf":
+        read_gguf_header(os.path.join(source.location, source.gguf_file))
+        return source
+    folder = Path(source.location) if source.kind == "folder" else hub_snapshot(spec)
+    if folder is None:
+        if not hub_reachable():
+            raise GraftError(f"base_model: '{spec}' is neither a file or folder here nor in the local Hugging Face "
+                             f"cache ({_hub_cache()}), and the hub cannot be reached"
+                             f"{' (HF_HUB_OFFLINE is set)' if _hub_offline() else ''}; bundled models: "
+                             f"{', '.join(BUNDLED)}")
+        return source
+    for weights in sorted(folder.glob("*.safetensors")):
+        check_safetensors(weights)
+    if source.kind == "hub" and not hub_reachable():  # load the cached copy without a minute of retries
+        return ModelSource("hub", str(folder))
+    return source
+
+
+def model_positions(spec: str) -> tuple[int | None, str]:
+    """The context length of a model (positions it was trained for) and the file that says so; (None, where) when
+    it does not say, or a hub model is not downloaded yet."""
+    source = check_model(spec)
+    if source.kind == "gguf":
+        path = os.path.join(source.location, source.gguf_file)
+        return read_gguf_header(path).context_length, path
+    folder = Path(source.location) if source.kind == "folder" else hub_snapshot(spec)
+    if folder is None or not (folder / "config.json").is_file():
+        return None, spec
+    try:
+        return config_positions(read_json(folder / "config.json")), str(folder / "config.json")
+    except ValueError as e:
+        raise GraftError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
+
+
+def hub_snapshot(repo_id: str) -> Path | None:
+    """The local cache folder of a hub model (where its config.json is), or None when it was never downloaded."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError:  # not a valid repository id
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+_REACHABLE: dict[str, bool] = {}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within `timeout` seconds (False when offline mode is
+    set): so that an unreachable hub is said at once instead of after a minute of retries."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if _hub_offline():
+        return False
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    if host not in _REACHABLE:
+        import socket
+
+        answer: list[bool] = []
+
+        def probe() -> None:
+            try:
+                socket.create_connection((host, port), timeout=timeout).close()
+                answer.append(True)
+            except OSError:
+                pass
+
+        thread = threading.Thread(target=probe, daemon=True)  # getaddrinfo has no timeout of its own
+        thread.start()
+        thread.join(timeout)
+        _REACHABLE[host] = bool(answer)
+    return _REACHABLE[host]
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") \
+        or os.environ.get("TRANSFORMERS_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def _load_failure(spec: str, source: ModelSource, what: str, e: BaseException) -> GraftError:
+    """One line for a model that would not load, naming the file where it can be found."""
+    if isinstance(e, pickle.UnpicklingError):
+        pickles = sorted(p.name for p in Path(source.location).glob("*") if p.suffix in (".bin", ".pt", ".pth"))
+        where = os.path.join(source.location, pickles[0]) if pickles else source.location
+        refused = next((line.strip().rstrip(".") for line in str(e).splitlines()
+                        if "unsupported global" in line.lower()), "")
+        return GraftError(f"{where}: refused to unpickle it: it holds objects other than tensors, which could run "
+                          f"code ({refused or 'weights_only=True'}); convert it to safetensors")
+    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return GraftError(f"base_model: cannot load {what}'{spec}': {message}")
+
+
+LOAD_ERRORS = (OSError, ValueError, EOFError, KeyError, struct.error, pickle.UnpicklingError)
+"""What transformers and its readers raise for a model folder or file that is not what it should be."""
+
+
 def load_model(spec: str, dtype: "torch.dtype | None" = None, trust_remote_code: bool = False) -> "PreTrainedModel":
     """Load a causal language model in float32 (GGUF weights are dequantised) unless `dtype` says otherwise."""
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
-    source = resolve_model(spec)
+    source = check_model(spec)
     if source.kind == "gguf":
         _quiet_gguf_dequantisation()
     location, extra = source.from_pretrained_args()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             location, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code, **extra)
-    except (OSError, ValueError) as e:
-        raise GraftError(f"base_model: cannot load '{spec}': {str(e).splitlines()[0]}") from None
+    except (*LOAD_ERRORS, SafetensorError) as e:
+        raise _load_failure(spec, source, "", e) from None
     if source.kind == "gguf":
         _forget_gguf_quantization(model)
     model.eval()
@@ -108,11 +226,12 @@ def _quiet_gguf_dequantisation() -> None:
 def load_tokenizer(spec: str, trust_remote_code: bool = False) -> "PreTrainedTokenizerBase":
     from transformers import AutoTokenizer
 
-    location, extra = resolve_model(spec).from_pretrained_args()
+    source = check_model(spec)
+    location, extra = source.from_pretrained_args()
     try:
         return AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, **extra)
-    except (OSError, ValueError) as e:
-        raise GraftError(f"base_model: cannot load the tokenizer of '{spec}': {str(e).splitlines()[0]}") from None
+    except LOAD_ERRORS as e:
+        raise _load_failure(spec, source, "the tokenizer of ", e) from None
 
 
 def _forget_gguf_quantization(model: "PreTrainedModel") -> None:
@@ -127,7 +246,7 @@ def save_model(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase | N
                extra_files: dict[str, str] | None = None) -> None:
     """Write a standard Hugging Face folder (safetensors), atomically."""
     _quiet_transformers()
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder) as tmp, disk_full_as_oserror(folder):
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             save_tokenizer(tokenizer, tmp)

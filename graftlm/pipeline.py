@@ -6,13 +6,16 @@ A new stage is a `Stage` subclass in its folder's stage.py and one line below, a
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Sequence
 
 from graftlm.base.stage import Base
+from graftlm.checks import check_inputs
 from graftlm.curate.stage import Curate
 from graftlm.data.stage import Pack
 from graftlm.merge.stage import Merge
 from graftlm.report.stage import Report
+from graftlm.runs import remove_stale_tree
 from graftlm.stage import Stage, bring_up_to_date
 from graftlm.train.stage import Train
 from graftlm.vocab.stage import Vocab
@@ -30,5 +33,8 @@ PREPARE_STAGES = tuple(name for name, stage in STAGES.items() if stage.prepares_
 def run_stages(recipe: "Recipe", run: "RunDir", stages: Sequence[str] = tuple(STAGES),
                options: dict[str, dict] | None = None, needs: bool = True) -> None:
     """Bring `stages` (and, with `needs`, the stages they need) up to date; `options[stage]` are that stage's
-    keyword arguments (`fresh=True` for train)."""
+    keyword arguments (`fresh=True` for train). What can be checked before any work is checked first."""
+    check_inputs(recipe)  # a missing file or a seq_len too long is said now, not after the base export
+    if os.environ.get("RANK", "0") == "0":
+        remove_stale_tree(run.root)  # what killed runs left half-written (*.tmp-PID: 517 MB each with the default)
     bring_up_to_date(recipe, run, STAGES, stages, options, needs)

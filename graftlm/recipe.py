@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import re
 import types
 import typing
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from graftlm.config import ModelSpec, Section
+from graftlm.config import ModelSpec, PlainName, Section, plain_name
 from graftlm.curate.config import CurateConfig
 from graftlm.data.config import MixtureConfig, PackConfig, SourceConfig
 from graftlm.errors import RecipeError
@@ -35,7 +34,7 @@ DEMO_RECIPE = "recipes/demo-vi.yaml"
 
 
 class Recipe(Section):
-    name: str
+    name: PlainName
     """The run's name: its outputs go to `runs/<name>/`."""
     base_model: ModelSpec = DEFAULT_BASE_MODEL
     """`smollm2-135m` (bundled), a Hugging Face folder, a .gguf file, or a hub id."""
@@ -60,12 +59,15 @@ class Recipe(Section):
     """Pilot runs and a fitted law that choose the mixture and the budget (graftlm/plan/); absent (null): none."""
     _target: str = PrivateAttr(default="")
 
-    @field_validator("name")
+    @field_validator("sources")
     @classmethod
-    def _safe_name(cls, name: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-            raise ValueError(f"must be letters, digits, '.', '_' or '-' (it names a folder), got {name!r}")
-        return name
+    def _sources_are_plain_names(cls, sources: dict[str, SourceConfig]) -> dict[str, SourceConfig]:
+        for name in sources:  # each names packed/<name>/ and curated/<name>/
+            try:
+                plain_name(name)
+            except ValueError as e:
+                raise _KeyProblem(f"sources.{name}", f"a source's name {e}") from None
+        return sources
 
     @model_validator(mode="after")
     def _mixture_names_sources(self) -> "Recipe":

@@ -110,7 +110,8 @@ def test_reading_streams(tmp_path):
 def test_cli_exits_2_with_one_line(tmp_path, monkeypatch, capsys, tiny_model_dir, kind):
     path, message = bad_inputs(tmp_path)[kind]
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"name: bad\nbase_model: {tiny_model_dir}\nsources:\n  s: {{paths: ['{path}']}}\n")
+    recipe.write_text(f"name: bad\nbase_model: {tiny_model_dir}\nsources:\n  s: {{paths: ['{path}']}}\n"
+                      "train: {seq_len: 32, batch_tokens: 64}\n")  # the tiny model has 256 positions
     code, _, err = run_graft(monkeypatch, capsys, "prepare", str(recipe), "--runs-dir", str(tmp_path / "runs"))
     assert code == 2
     error_lines = [line for line in err.splitlines() if line.startswith("error:")]

@@ -35,7 +35,7 @@ from graftlm.data.config import SourceConfig
 from graftlm.data.read import resolve_paths
 from graftlm.errors import DataError, GraftError, RecipeError
 from graftlm.progress import log
-from graftlm.runs import atomic_dir, file_signature, fingerprint, read_json, write_json_atomic
+from graftlm.runs import atomic_dir, file_signature, fingerprint, inside, read_json, write_json_atomic
 from graftlm.stage import Stage
 
 CURATE_FORMAT = 1
@@ -60,7 +60,7 @@ class Curate(Stage):
         return names
 
     def marker(self, unit):
-        return self.run_dir.curated / unit / "stats.json"
+        return self.run_dir.inside("curated", unit, "stats.json")
 
     def fingerprint(self, unit):
         source = self.recipe.sources[unit]
@@ -88,7 +88,7 @@ def curate_source(run_name: str, name: str, source: SourceConfig, config: Curate
     lang = normalize_language(source.lang)
     _check_word_tokenizer(name, lang)
     files = resolve_paths(source, name)
-    final, work = curated / name, curated / ".work" / name
+    final, work = inside(curated, name), inside(curated, ".work", name)
     tasks = config.tasks or config.workers
     _open_work_dir(work, fingerprint(key, tasks, config.executor))
     if (work / "submitted.json").is_file():
@@ -97,7 +97,8 @@ def curate_source(run_name: str, name: str, source: SourceConfig, config: Curate
     header = {"source": name, "lang": lang, "fingerprint": key, "files": [file_signature(f) for f in files],
               "executor": config.executor, "tasks": tasks, "settings": _settings(config, lang)}
     jobs = plan_jobs(name, source, lang, config, work, tasks, files)
-    finalize = Finalize(header, work, final, curated / "excluded" / name, {j.name: str(j.logging_dir) for j in jobs})
+    finalize = Finalize(header, work, final, inside(curated, "excluded", name),
+                        {j.name: str(j.logging_dir) for j in jobs})
     jobs.append(Job("finalize", [finalize], 1, work / "logs/finalize"))
     run_jobs(config, jobs, job_name=f"graft-{run_name}-{name}", label=name)
     if config.executor == "slurm":

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from graftlm.data.pack import PackedSource
+from graftlm.errors import DataError
 
 
 class MixtureExhausted(Exception):
@@ -37,7 +38,9 @@ class _SourceStream:
     def __post_init__(self) -> None:
         self.windows_per_shard = [len(s) // self.window for s in self.shards]
         if self.windows == 0:
-            raise ValueError(f"source '{self.name}' has fewer tokens than one sequence ({self.window})")
+            raise DataError(f"sources.{self.name}: {sum(len(s) for s in self.shards):,} packed tokens, fewer than one "
+                            f"training sequence (train.seq_len + 1 = {self.window:,}); add text or lower "
+                            f"train.seq_len")
         self._shuffle()
 
     @property

@@ -1,18 +1,24 @@
 """Streaming documents out of .jsonl, .txt, .tsv and .parquet files, plain or compressed (.gz, .zst).
 
 Memory stays flat whatever the corpus size: files are read a line (or a parquet batch) at a time. A bad record
-stops the stage with `file:line: what is wrong`, or, with `on_error: skip`, is skipped and counted.
+stops the stage with `file:line: what is wrong`, or, with `on_error: skip`, is skipped and counted. A compressed
+file must end where its last gzip member or zstd frame ends: one cut short is a bad record too ("cannot read"),
+never a silently shorter corpus.
 """
 
 from __future__ import annotations
 
 import glob
 import gzip
+import io
 import json
 import os
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Iterator, NamedTuple
+
+import zstandard
 
 from graftlm.data.config import SourceConfig
 from graftlm.errors import DataError
@@ -122,12 +128,22 @@ def _read_file(path: str, source: SourceConfig, on_bad: OnBad) -> Iterator[Recor
     lines = _Lines(path, on_bad)
     try:
         yield from reader(lines, source, on_bad)
-    except (OSError, EOFError) as e:  # a truncated or corrupt compressed stream
-        on_bad(f"{path}:{lines.number}: cannot read: {e}", "unreadable file")
+    except UNREADABLE as e:  # a truncated or corrupt compressed stream, a read error
+        lines.failed = True
+        on_bad(f"{path}:{lines.number + 1}: cannot read: {_reason(e)}", "unreadable file")
     finally:
         lines.close()
     if lines.number == 0 and not lines.failed:
         on_bad(f"{path}: empty file", "empty file")
+
+
+UNREADABLE = (OSError, EOFError, zlib.error, zstandard.ZstdError)
+"""What reading a damaged file raises: gzip raises EOFError (cut short), OSError (not gzip) or zlib.error (corrupt)."""
+
+
+def _reason(e: BaseException) -> str:
+    """An exception's message on one line (pyarrow's span several)."""
+    return "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
 
 
 class _Lines:
@@ -148,6 +164,8 @@ class _Lines:
             return
         for raw in self._file:
             self.number += 1
+            if self.number == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a byte-order mark (some Windows editors)
+                raw = raw[3:]
             try:
                 yield self.number, raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -161,14 +179,53 @@ class _Lines:
 
 def _open_binary(path: str) -> BinaryIO:
     if path.endswith(".gz"):
-        return gzip.open(path, "rb")  # type: ignore[return-value]
+        return gzip.open(path, "rb")  # type: ignore[return-value]  # raises EOFError when cut short
     if path.endswith(".zst"):
-        import io
-
-        import zstandard
-
-        return io.BufferedReader(zstandard.open(path, "rb"))  # type: ignore[arg-type]
+        return io.BufferedReader(_ZstdStream(path), buffer_size=1 << 16)  # type: ignore[return-value]
     return open(path, "rb")
+
+
+class _ZstdStream(io.RawIOBase):
+    """The decompressed bytes of a .zst file, one frame after another. python-zstandard's own stream reader ends
+    quietly where a cut file ends; this one raises EOFError when the file ends inside a frame."""
+
+    def __init__(self, path: str):
+        self._file = open(path, "rb")
+        self._decompressor = zstandard.ZstdDecompressor()
+        self._frame = self._decompressor.decompressobj()
+        self._in_frame = False
+        self._out, self._pos = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self._pos == len(self._out):
+            chunk = self._file.read(1 << 17)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("the file ends inside a zstd frame (it was cut short)")
+                return 0
+            self._out, self._pos = self._decompress(chunk), 0
+        n = min(len(buffer), len(self._out) - self._pos)
+        buffer[:n] = memoryview(self._out)[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def _decompress(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            out.append(self._frame.decompress(data))
+            self._in_frame = True
+            if not self._frame.eof:
+                break
+            data = self._frame.unused_data  # the next frame (zstd files may hold several)
+            self._frame, self._in_frame = self._decompressor.decompressobj(), False
+        return b"".join(out)
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 def read_json_objects(path: str) -> Iterator[tuple[int, dict]]:
@@ -180,8 +237,8 @@ def read_json_objects(path: str) -> Iterator[tuple[int, dict]]:
     lines = _Lines(path, stop)
     try:
         yield from _json_objects(lines, stop)
-    except (OSError, EOFError) as e:
-        raise DataError(f"{path}:{lines.number}: cannot read: {e}") from None
+    except UNREADABLE as e:
+        raise DataError(f"{path}:{lines.number + 1}: cannot read: {_reason(e)}") from None
     finally:
         lines.close()
     if lines.number == 0:
@@ -263,7 +320,7 @@ def _read_parquet(path: str, key: str, on_bad: OnBad) -> Iterator[Record]:
     try:
         parquet = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a file that is not parquet
-        on_bad(f"{path}: not a readable parquet file: {e}", "unreadable file")
+        on_bad(f"{path}: not a readable parquet file: {_reason(e)}", "unreadable file")
         return
     columns = parquet.schema_arrow.names
     if key not in columns:
@@ -273,10 +330,37 @@ def _read_parquet(path: str, key: str, on_bad: OnBad) -> Iterator[Record]:
         on_bad(f"{path}: empty file", "empty file")
         return
     row = 0
-    for batch in parquet.iter_batches(batch_size=1024, columns=[key]):
-        for value in batch.column(0).to_pylist():
+    batches = parquet.iter_batches(batch_size=1024, columns=[key])
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as e:  # a damaged page: pyarrow raises ArrowInvalid, OSError and others
+            on_bad(f"{path}:{row + 1}: cannot read: {_reason(e)}", "unreadable file")
+            return
+        if batch is None:
+            return
+        for value in _column_values(batch.column(0)):
             row += 1
-            if not isinstance(value, str):
+            if value is _NOT_UTF8:
+                on_bad(f"{path}:{row}: column '{key}' is not valid UTF-8", "not UTF-8")
+            elif not isinstance(value, str):
                 on_bad(f"{path}:{row}: column '{key}' is {type(value).__name__}, expected a string", "field not text")
             else:
                 yield Record(value, path, row)
+
+
+_NOT_UTF8 = object()
+
+
+def _column_values(column) -> list:
+    """A parquet column's values; a string that is not valid UTF-8 (a damaged page) becomes `_NOT_UTF8`."""
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        values = []
+        for i in range(len(column)):
+            try:
+                values.append(column[i].as_py())
+            except UnicodeDecodeError:
+                values.append(_NOT_UTF8)
+        return values

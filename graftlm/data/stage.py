@@ -19,7 +19,7 @@ class Pack(Stage):
         return list(self.recipe.sources)
 
     def marker(self, unit):
-        return self.run_dir.packed / unit / "manifest.json"
+        return self.run_dir.inside("packed", unit, "manifest.json")
 
     def fingerprint(self, unit):
         return pack_inputs(unit, training_source(self.run_dir, self.recipe, unit), self.run_dir.start_model,
@@ -27,13 +27,13 @@ class Pack(Stage):
 
     def run(self, unit, key):
         pack_source(unit, training_source(self.run_dir, self.recipe, unit), self.run_dir.start_model,
-                    self.run_dir.packed / unit, self.recipe.pack, key)
+                    self.run_dir.inside("packed", unit), self.recipe.pack, key)
 
 
 def training_source(run, recipe, name: str) -> SourceConfig:
     """What training reads for a source: its curated documents when the recipe curates it, else the raw ones."""
     source = recipe.sources[name]
     if name in recipe.curated_sources():
-        return SourceConfig(paths=[str(run.curated / name / "*.jsonl.gz")], format="jsonl", text_field="text",
+        return SourceConfig(paths=[str(run.inside("curated", name, "*.jsonl.gz"))], format="jsonl", text_field="text",
                             lang=source.lang)
     return source

@@ -6,27 +6,37 @@
         adapter/                           lora/layra: the adapter's exact weights (the folder's own weights are
                                            merged, for evaluation)
         ema.safetensors                    with train.ema: the moving average
-        trainer_state.json                 step, tokens, the phase, the sampler's position, counters, the recipe;
-                                           written last
+        trainer_state.json                 step, tokens, the phase, the sampler's position, counters, the recipe
+        manifest.json                      the size and xxh3-128 hash of every other file; written last
 
 Each checkpoint is written into a temporary folder and renamed when complete, so a run killed at any moment leaves
-only complete checkpoints behind.
+only complete checkpoints behind. A checkpoint damaged afterwards (a file truncated, emptied, deleted or changed)
+proves it by not matching its manifest: `complete_checkpoints` compares sizes (a stat per file),
+`latest_valid_checkpoint` also the hashes (about 0.1 s per 500 MB from the page cache); a checkpoint that fails is
+reported in one line and moved aside to runs/<name>/corrupt/, and training resumes from the newest one that holds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from graftlm.errors import GraftError
+from graftlm.model_files import check_safetensors
 from graftlm.models import save_tokenizer
-from graftlm.runs import RunDir, atomic_dir, flatten, read_json, write_json_atomic
+from graftlm.progress import log
+from graftlm.runs import (RunDir, atomic_dir, disk_full, disk_full_as_oserror, flatten, read_json, remove_stale,
+                          write_json_atomic)
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+MANIFEST = "manifest.json"
+HASH = "xxh3_128"
 
 RESUME_SAFE_KEYS = ("eval", "train.checkpoint_every", "train.keep_checkpoints", "train.max_bad_steps",
                     "train.micro_batch_size", "train.ema.export", "merge", "report")
@@ -38,33 +48,145 @@ def checkpoint_path(run: RunDir, step: int) -> Path:
 
 
 def complete_checkpoints(run: RunDir) -> list[tuple[int, Path]]:
-    """(step, folder) of every complete checkpoint, oldest first; leftovers of a killed write are removed."""
+    """(step, folder) of every complete checkpoint whose files have the sizes its manifest says, oldest first. One
+    that does not is reported and moved aside; the leftovers of a killed write are removed."""
     if not run.checkpoints.is_dir():
         return []
+    remove_stale(run.checkpoints)
     found = []
-    for folder in run.checkpoints.iterdir():
+    for folder in sorted(run.checkpoints.iterdir()):
         match = STEP_DIR.match(folder.name)
-        if match and (folder / "trainer_state.json").is_file():
+        if not match or not folder.is_dir():
+            continue
+        problem = checkpoint_problem(folder, hashes=False)
+        if problem is None:
             found.append((int(match.group(1)), folder))
-        elif ".tmp-" in folder.name or ".old-" in folder.name:
-            shutil.rmtree(folder, ignore_errors=True)
+        elif problem != INCOMPLETE:
+            move_aside(run, folder, problem)
     return sorted(found)
+
+
+def latest_valid_checkpoint(run: RunDir) -> Path | None:
+    """The newest checkpoint whose every file matches its manifest's hash (what resuming should start from), or
+    None; a newer one that fails is reported in one line and moved aside."""
+    for _, folder in reversed(complete_checkpoints(run)):
+        problem = checkpoint_problem(folder, hashes=True)
+        if problem is None:
+            return folder
+        move_aside(run, folder, problem)
+    return None
+
+
+INCOMPLETE = "no trainer_state.json"
+
+
+def checkpoint_problem(folder: Path, hashes: bool = True) -> str | None:
+    """What is wrong with a checkpoint folder, or None. With a manifest: a file missing, of another size or (with
+    `hashes`) another hash. Without one (a checkpoint of an older graftlm): the files must parse."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        if not (folder / "trainer_state.json").is_file():
+            return INCOMPLETE
+        return _unverified_problem(folder)
+    try:
+        files = read_json(manifest_path)["files"]
+        entries = [(name, int(entry["size"]), str(entry[HASH])) for name, entry in files.items()]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{MANIFEST} is damaged ({type(e).__name__}: {e})"
+    for name, size, digest in entries:
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size:,} bytes, its manifest says {size:,}"
+    try:
+        read_json(folder / "trainer_state.json")
+    except (OSError, ValueError) as e:
+        return f"trainer_state.json is not valid JSON ({e})"
+    for name, _, digest in entries if hashes else []:
+        if file_hash(folder / name) != digest:
+            return f"{name} does not match its manifest's hash (its bytes changed)"
+    return None
+
+
+def _unverified_problem(folder: Path) -> str | None:
+    """A checkpoint without a manifest: what can be checked of its files' structure."""
+    try:
+        read_json(folder / "trainer_state.json")
+    except (OSError, ValueError) as e:
+        return f"trainer_state.json is not valid JSON ({e})"
+    state = folder / "training_state.pt"
+    if not state.is_file() or not zipfile.is_zipfile(state):
+        return "training_state.pt is missing or cut short"
+    for weights in folder.rglob("*.safetensors"):
+        try:
+            check_safetensors(weights)
+        except GraftError as e:
+            return str(e).removeprefix(f"{weights}: ")
+    return None
+
+
+def move_aside(run: RunDir, folder: Path, problem: str) -> Path:
+    """Move a damaged checkpoint to runs/<name>/corrupt/ (kept for inspection, out of training's way)."""
+    run.corrupt.mkdir(parents=True, exist_ok=True)
+    target = run.corrupt / folder.name
+    n = 1
+    while target.exists():
+        n += 1
+        target = run.corrupt / f"{folder.name}-{n}"
+    folder.rename(target)
+    log(f"warning: checkpoint {folder}: {problem}; moved aside to {target}")
+    return target
+
+
+def file_hash(path: Path) -> str:
+    import xxhash
+
+    digest = xxhash.xxh3_128()
+    buffer = bytearray(1 << 22)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """The size and hash of every file under `folder`, written last: a checkpoint's proof of itself."""
+    files = {str(path.relative_to(folder)): {"size": path.stat().st_size, HASH: file_hash(path)}
+             for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MANIFEST}
+    write_json_atomic(folder / MANIFEST, {"format": 1, "files": files})
 
 
 def save_checkpoint(run: RunDir, step: int, model, tokenizer, optimizer: torch.optim.Optimizer,
                     trainer_state: dict[str, Any], keep: int, write_more: Callable[[Path], None] | None = None) -> Path:
     """`model` is a plain transformers model; `write_more(folder)` adds what else resuming needs."""
     folder = checkpoint_path(run, step)
-    with atomic_dir(folder) as tmp:
+    needed, known = _checkpoint_bytes(run, model)
+    if known:  # the same size as the last one: a disk without that much room is said before writing
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        if shutil.disk_usage(folder.parent).free < needed:
+            raise disk_full(folder, needed)
+    with atomic_dir(folder) as tmp, disk_full_as_oserror(folder, needed):
         model.save_pretrained(tmp, safe_serialization=True)
         save_tokenizer(tokenizer, tmp)
         if write_more is not None:
             write_more(tmp)
         torch.save({"optimizer": optimizer.state_dict(), **rng_states()}, tmp / "training_state.pt")
         write_json_atomic(tmp / "trainer_state.json", trainer_state)
+        write_manifest(tmp)
     for _, old in complete_checkpoints(run)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def _checkpoint_bytes(run: RunDir, model) -> tuple[int, bool]:
+    """About how much a checkpoint takes, and whether that is known: the newest one's size, else a guess (the
+    weights and two Adam moments)."""
+    for _, folder in reversed(complete_checkpoints(run)):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+            return sum(entry["size"] for entry in read_json(folder / MANIFEST)["files"].values()), True
+    return 3 * sum(p.numel() * p.element_size() for p in model.parameters()), False
 
 
 def load_training_state(folder: Path) -> tuple[dict, dict]:

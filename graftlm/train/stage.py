@@ -32,13 +32,13 @@ from graftlm.runs import RunDir, hash_files
 from graftlm.stage import Stage
 from graftlm.train.callbacks import (Checkpointer, DivergenceGuard, Evaluation, Export, MetricsFile,
                                      MovingAverage, ProgressBar, StepHook)
-from graftlm.train.checkpoint import check_resumable, complete_checkpoints, load_training_state, restore_rng_states
+from graftlm.train.checkpoint import check_resumable, latest_valid_checkpoint, load_training_state, restore_rng_states
 from graftlm.train.distill import Distiller
 from graftlm.train.ema import EMA
 from graftlm.train.methods import Method
 from graftlm.train.module import TrainModule
 from graftlm.train.phases import plan_phases
-from graftlm.train.trackers import Trackers, check_trackers
+from graftlm.train.trackers import Trackers
 from graftlm.train.trainer import Trainer, TrainerState
 
 
@@ -74,7 +74,6 @@ def train(recipe, run: RunDir, key: str, fresh: bool = False, on_step_end=None) 
     runs/<name>/model/ with its marker (holding `key`)."""
     cfg = recipe.train
     accelerator = _accelerator(cfg)
-    check_trackers(recipe.report.trackers)
     sources, data_key = open_packed(recipe, run)
     checkpoint = _checkpoint_to_resume(run, fresh, accelerator)
     method = _load_method(recipe, run, checkpoint, accelerator)
@@ -160,15 +159,19 @@ def open_packed(recipe, run: RunDir) -> tuple[dict[str, PackedSource], dict]:
 
 
 def _checkpoint_to_resume(run: RunDir, fresh: bool, accelerator) -> Path | None:
-    """The latest complete checkpoint; None when starting over (then nothing an earlier, unfinished run logged
-    or wrote may stay)."""
-    checkpoints = [] if fresh else complete_checkpoints(run)
-    if not checkpoints and accelerator.is_main_process:
+    """The latest checkpoint that verifies (damaged ones are moved aside); None when starting over (then nothing
+    an earlier, unfinished run logged or wrote may stay)."""
+    folder = None if fresh or not accelerator.is_main_process else latest_valid_checkpoint(run)
+    if accelerator.num_processes > 1:  # the main process verified the checkpoints: every process follows it
+        from accelerate.utils import broadcast_object_list
+
+        folder = broadcast_object_list([folder])[0]
+    if folder is None and accelerator.is_main_process:
         for path in (run.checkpoints, run.model, run.adapter, run.merged):
             shutil.rmtree(path, ignore_errors=True)
         run.metrics.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
-    return checkpoints[-1][1] if checkpoints else None
+    return folder
 
 
 def _restore(folder: Path, recipe_dump: dict, data_key: dict, sampler: MixtureSampler, ema: EMA | None,
