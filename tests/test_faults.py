@@ -22,7 +22,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import DATA, REPO, run_graft, write_tiny_recipe
+from conftest import DATA, REPO, run_graft, train, write_tiny_recipe
 from graftlm.data.config import SourceConfig
 from graftlm.data.read import ReadStats, read_documents
 from graftlm.errors import DataError, GraftError, RecipeError
@@ -80,14 +80,15 @@ def victim(tmp_path) -> Path:
 def test_every_path_building_site_refuses_a_path_outside_the_run(tmp_path, victim):
     from graftlm.compare import make_variants
     from graftlm.curate.stage import curate_source
-    from graftlm.data.pack import pack_all, training_source
+    from graftlm.data.stage import Pack, training_source
 
     escape = os.path.relpath(victim, tmp_path / "runs/f/packed")
     run = RunDir(tmp_path / "runs/f")
     sites = {
         "runs/<name>": lambda: RunDir.for_recipe(_bypass(validate_recipe(minimal()), name=str(victim)), tmp_path),
-        "packed/<source>": lambda: pack_all(_bypass(validate_recipe(minimal()), source=escape), run),
-        "curated/<source> (read by pack)": lambda: training_source(run, escape, SourceConfig(paths=[VI])),
+        "packed/<source>": lambda: Pack(_bypass(validate_recipe(minimal()), source=escape), run).run(escape, ""),
+        "curated/<source> (read by pack)": lambda: training_source(
+            run, _bypass(validate_recipe(minimal(curate={})), source=escape), escape),
         "curated/<source>, curated/.work/<source>, curated/excluded/<source>": lambda: curate_source(
             "f", escape, SourceConfig(paths=[VI], lang="vi"), validate_recipe(minimal(curate={})).curate, run.curated),
         "compare/<variant>": lambda: run.inside("compare", str(victim)),
@@ -539,7 +540,6 @@ def test_resume_survives_corrupt_checkpoints_and_a_torn_metrics_line(tmp_path, t
     from safetensors.torch import load_file
 
     from graftlm.pipeline import run_stages
-    from graftlm.train.loop import train
 
     path = write_tiny_recipe(tmp_path, tiny_model_dir, TRAIN)
     recipe = load_recipe(path)

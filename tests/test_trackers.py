@@ -4,7 +4,6 @@ import pytest
 
 from conftest import DATA, train, write_tiny_recipe
 from graftlm.errors import RecipeError
-from graftlm.pipeline import run_stages
 from graftlm.recipe import load_recipe
 from graftlm.runs import RunDir
 from graftlm.train import trackers
@@ -47,8 +46,7 @@ def test_a_missing_tracker_package_fails_before_any_work(tmp_path, tiny_model_di
                              "report: {trackers: [wandb]}")
     recipe = load_recipe(path)
     run = RunDir.for_recipe(recipe, tmp_path / "runs")
-    run_stages(recipe, run, ("pack",))
     monkeypatch.setattr(trackers.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(RecipeError, match=r"^report.trackers: wandb needs the package wandb: pip install"):
         train(recipe, run)
-    assert not run.metrics.exists()
+    assert not run.root.exists()  # said before the base export
