@@ -2,8 +2,8 @@
 
 Each stage is one datatrove executor with its own logging folder (task logs, per-task stats, completion marks).
 Local and Ray executors run a stage to its end before the next starts; Slurm executors are chained with
-`depends` and submitted at once. A stage that was interrupted resumes where it stopped: datatrove skips the tasks
-it marked complete.
+`depends` and submitted at once (or written out without submitting: graftlm/curate/slurm.py). A stage that was
+interrupted resumes where it stopped: datatrove skips the tasks it marked complete.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from datatrove.executor import LocalPipelineExecutor
+from datatrove.executor import LocalPipelineExecutor, RayPipelineExecutor
 from datatrove.pipeline.base import PipelineStep
 
 from graftlm.curate.config import CurateConfig
 from graftlm.curate.stats import progress_bytes
+from graftlm.errors import GraftError
 from graftlm.progress import bytes_progress
 
 
@@ -46,15 +47,11 @@ class QuietLocalExecutor(LocalPipelineExecutor):
 
     def run(self):
         import multiprocess
-        from datatrove.utils.logging import logger, setup_default_logger
 
         if self.start_method == "forkserver":
             multiprocess.set_forkserver_preload(FORKSERVER_PRELOAD)  # no effect once the server runs
-        logger.remove()
-        try:
+        with _datatrove_silenced():
             return super().run()
-        finally:
-            setup_default_logger()
 
     def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
         from datatrove.utils.logging import logger
@@ -67,6 +64,30 @@ class QuietLocalExecutor(LocalPipelineExecutor):
                 logger.remove()  # the sinks datatrove left on the closed devnull
 
 
+class QuietRayExecutor(RayPipelineExecutor):
+    """datatrove's RayPipelineExecutor, without its log on this terminal (the tasks' logs are in the logging folder,
+    and Ray is started with log_to_driver=False)."""
+
+    def __init__(self, *args, **kwargs):
+        with _datatrove_silenced():  # a warning that the logging folder must be shared: the README says so
+            super().__init__(*args, **kwargs)
+
+    def run(self):
+        with _datatrove_silenced():
+            return super().run()
+
+
+@contextlib.contextmanager
+def _datatrove_silenced():
+    from datatrove.utils.logging import logger, setup_default_logger
+
+    logger.remove()
+    try:
+        yield
+    finally:
+        setup_default_logger()
+
+
 def make_executor(config: CurateConfig, stage: Stage, job_name: str, depends=None):
     common = dict(pipeline=stage.pipeline, tasks=stage.tasks, workers=min(config.workers, stage.tasks),
                   logging_dir=str(stage.logging_dir), **config.executor_options)
@@ -76,12 +97,13 @@ def make_executor(config: CurateConfig, stage: Stage, job_name: str, depends=Non
         from datatrove.executor import SlurmPipelineExecutor
 
         return SlurmPipelineExecutor(**common, job_name=f"{job_name}-{stage.name}", depends=depends)
-    import ray
-    from datatrove.executor import RayPipelineExecutor
-
+    try:
+        import ray
+    except ImportError:
+        raise GraftError("curate.executor: ray needs the `ray` package (pip install 'graftlm[ray]')") from None
     if not ray.is_initialized():
-        ray.init()  # a local Ray, or the cluster that RAY_ADDRESS names
-    return RayPipelineExecutor(**common)
+        ray.init(log_to_driver=False)  # the cluster that RAY_ADDRESS names, or a Ray started here
+    return QuietRayExecutor(**common)
 
 
 def run_stages(config: CurateConfig, stages: list[Stage], job_name: str, label: str) -> None:
@@ -98,13 +120,23 @@ def run_stages(config: CurateConfig, stages: list[Stage], job_name: str, label: 
             if stage.progress_folder is None:  # a quick stage: an indeterminate bar while it runs
                 task = progress.add_task(f"curate {label}: {stage.name}", total=None)
                 executor.run()
+                _check_complete(stage, executor)
                 progress.remove_task(task)
                 continue
             total = stage.progress_total()
             task = progress.add_task(f"curate {label}: {stage.name}", total=total)
             with _polled(progress, task, stage.progress_folder):
                 executor.run()
+            _check_complete(stage, executor)
             progress.update(task, completed=total)
+
+
+def _check_complete(stage: Stage, executor) -> None:
+    """datatrove's Ray executor only warns when a task failed; the next stage must not read a partial output."""
+    failed = executor.get_incomplete_ranks(skip_completed=True)
+    if failed:
+        raise GraftError(f"curate: {len(failed)} of {executor.world_size} tasks of '{stage.name}' failed "
+                         f"(their logs: {stage.logging_dir / 'logs'})")
 
 
 @contextlib.contextmanager

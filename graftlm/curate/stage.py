@@ -31,6 +31,7 @@ from graftlm.curate.filters import FILTER_CLASSES, filter_settings, quality_filt
 from graftlm.curate.langid import LanguageIdFilter, normalize_language, threshold_for
 from graftlm.curate.reader import IntermediateReader, SourceReader
 from graftlm.curate.rehydrate import Rehydrate
+from graftlm.curate.slurm import write_slurm_jobs
 from graftlm.curate.stats import Meter, build_stats, progress_bytes
 from graftlm.data.config import SourceConfig
 from graftlm.data.read import resolve_paths
@@ -40,7 +41,7 @@ from graftlm.recipe import Recipe
 from graftlm.runs import RunDir, atomic_dir, file_signature, fingerprint, read_json, write_json_atomic
 
 CURATE_FORMAT = 1
-EXECUTION_KEYS = {"sources", "executor", "executor_options", "workers", "tasks"}
+EXECUTION_KEYS = {"sources", "executor", "executor_options", "submit", "workers", "tasks"}
 
 
 def run_curate(recipe: Recipe, run: RunDir) -> dict[str, dict]:
@@ -78,7 +79,13 @@ def curate_source(run_name: str, name: str, source: SourceConfig, config: Curate
     stages = plan_stages(name, source, lang, config, work, tasks, files)
     finalize = Finalize(header, work, final, curated / "excluded" / name, {s.name: str(s.logging_dir) for s in stages})
     stages.append(Stage("finalize", [finalize], 1, work / "logs/finalize"))
-    run_stages(config, stages, job_name=f"graft-{run_name}-{name}", label=name)
+    job_name = f"graft-{run_name}-{name}"
+    if not config.submit:
+        script = write_slurm_jobs(config, stages, job_name, work / "slurm")
+        raise GraftError(f"curate: wrote the Slurm jobs that curate '{name}' without submitting them "
+                         f"(curate.submit is false): `bash {script}` submits them; run the same command again "
+                         f"when they are done")
+    run_stages(config, stages, job_name=job_name, label=name)
     if config.executor == "slurm":
         write_json_atomic(work / "submitted.json", {"stages": [s.name for s in stages]})
         raise GraftError(f"curate: submitted the curation of '{name}' to Slurm (logs: {work / 'logs'}); "
