@@ -283,3 +283,18 @@ def test_slurm_scripts_run_to_the_local_output(tmp_path):
     assert local["output"] == stats["output"]
     assert digest(tmp_path / "slurm/curated") == digest(tmp_path / "local/curated")
 
+
+
+def test_a_stage_with_a_failed_task_stops_the_curation(tmp_path):
+    """datatrove's Ray executor returns when a task failed: the next stage would read a partial output."""
+    from datatrove.executor import RayPipelineExecutor
+
+    from graftlm.curate.executors import Stage, _check_complete
+
+    stage = Stage("filter", [], 2, tmp_path / "logs")
+    executor = RayPipelineExecutor([], tasks=2, logging_dir=str(stage.logging_dir))
+    executor.mark_rank_as_completed(0)
+    with pytest.raises(GraftError, match=r"1 of 2 tasks of 'filter' failed \(their logs: .*logs/logs\)"):
+        _check_complete(stage, executor)
+    executor.mark_rank_as_completed(1)
+    _check_complete(stage, executor)

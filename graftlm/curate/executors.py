@@ -50,7 +50,7 @@ class QuietLocalExecutor(LocalPipelineExecutor):
 
         if self.start_method == "forkserver":
             multiprocess.set_forkserver_preload(FORKSERVER_PRELOAD)  # no effect once the server runs
-        with _datatrove_silenced():
+        with quiet_datatrove():
             return super().run()
 
     def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
@@ -69,16 +69,17 @@ class QuietRayExecutor(RayPipelineExecutor):
     and Ray is started with log_to_driver=False)."""
 
     def __init__(self, *args, **kwargs):
-        with _datatrove_silenced():  # a warning that the logging folder must be shared: the README says so
+        with quiet_datatrove():  # a warning that the logging folder must be shared: the README says so
             super().__init__(*args, **kwargs)
 
     def run(self):
-        with _datatrove_silenced():
+        with quiet_datatrove():
             return super().run()
 
 
 @contextlib.contextmanager
-def _datatrove_silenced():
+def quiet_datatrove():
+    """datatrove's log off the terminal while the block runs."""
     from datatrove.utils.logging import logger, setup_default_logger
 
     logger.remove()

@@ -17,7 +17,7 @@ from unittest import mock
 from datatrove.executor import slurm as datatrove_slurm
 
 from graftlm.curate.config import CurateConfig
-from graftlm.curate.executors import Stage, make_executor
+from graftlm.curate.executors import Stage, make_executor, quiet_datatrove
 from graftlm.runs import atomic_dir
 
 DEPENDENCY_LINE = re.compile(r"^#SBATCH --dependency=(.*)\n", re.MULTILINE)
@@ -35,7 +35,7 @@ def write_slurm_jobs(config: CurateConfig, stages: list[Stage], job_name: str, f
     for stage in stages:
         executor = make_executor(config, stage, job_name, depends=executor)
     # datatrove calls sbatch in this one module-level function, for the stages' arrays and their merge jobs alike
-    with mock.patch.object(datatrove_slurm, "launch_slurm_job", record):
+    with mock.patch.object(datatrove_slurm, "launch_slurm_job", record), quiet_datatrove():
         executor.launch_job()  # launches its dependencies first
 
     lines = ["#!/bin/bash",
