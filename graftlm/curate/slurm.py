@@ -39,7 +39,7 @@ def write_slurm_jobs(config: CurateConfig, stages: list[Stage], job_name: str, f
         executor.launch_job()  # launches its dependencies first
 
     lines = ["#!/bin/bash",
-             f"# The Slurm jobs of graftlm's curation ({job_name}), written by `graft curate` with curate.submit: false.",
+             f"# The Slurm jobs of graftlm's curation ({job_name}), written by `graft curate` (curate.submit: false).",
              "# Each job waits for the ones it depends on; run `graft curate` again when the last one is done.",
              "set -euo pipefail", 'cd "$(dirname "$0")"']
     with atomic_dir(folder) as tmp:
