@@ -8,7 +8,8 @@ Sections (default: `processes` everywhere, `mfu` and `fit` too when a CUDA devic
 processes  `graft train` of SmolLM2-135M (the bundled base, full training, bf16 autocast) in 1 process and in 2
            DDP processes under `accelerate launch --multi_gpu --num_processes 2` (gloo on a CPU), the same global
            batch; each process's peak memory (RSS on a CPU, torch's allocation on a GPU) and the run's tokens/s
-           over the steps after the first. On a CPU each process gets cores / processes threads.
+           over the steps after the first. On a CPU each process gets --cpu-threads threads (default 1: a process
+           per core, as a process per GPU; OpenMP threads sharing busy cores slow down out of proportion).
            FSDP: once `train.distributed.strategy: fsdp` exists, its rows go in PROCESS_ROWS below; the memory per
            process must fall with FSDP at 2 processes.
 mfu        per model of the SmolLM2 family (the bundled 135M, and a 1.7B config in random init), `graft train` and
@@ -203,15 +204,15 @@ def section_processes(args, work: Path, budget: Budget) -> list[dict]:
                  seq_len=args.cpu_seq_len)
     runs = work / "processes"
     run_root = prepare("smollm2-135m", runs, budget, **batch)
-    cores = os.cpu_count() or 1
     rows = []
     for strategy, processes in PROCESS_ROWS:
         label = f"{strategy}-{processes}"
         extra = [] if strategy == "ddp" else [f"train.distributed.strategy={strategy}"]
-        row = {"section": "processes", "model": "smollm2-135m", "strategy": strategy, "processes": processes}
+        row = {"section": "processes", "model": "smollm2-135m", "strategy": strategy, "processes": processes,
+               "threads_per_process": args.cpu_threads}
         try:
             ranks = run_graft(["train", *recipe_args("smollm2-135m", **batch, extra=extra), "--runs-dir", str(runs),
-                               "--fresh"], work, label, budget, processes, threads=max(1, cores // processes))
+                               "--fresh"], work, label, budget, processes, threads=args.cpu_threads)
         except OutOfTime:
             rows.append({**row, "measured": False})
             continue
@@ -321,8 +322,8 @@ def print_rows(rows: list[dict]) -> None:
             print(f"{row['section']:9s} {row['model']:13s} {_what(row)}: not measured (time limit)")
         elif row["section"] == "processes":
             memory = ", ".join(f"{m:.2f}" for m in row["peak_memory_gib_per_process"])
-            print(f"processes {row['model']:13s} {_what(row)}: {row['tokens_per_s']:8.1f} tok/s   peak memory per "
-                  f"process {memory} GiB")
+            print(f"processes {row['model']:13s} {_what(row)} ({row['threads_per_process']} thread(s) each): "
+                  f"{row['tokens_per_s']:8.1f} tok/s   peak memory per process {memory} GiB")
         elif row["section"] == "mfu":
             mfu = (lambda v: f"{v:6.1%}" if v is not None else "   n/a")
             print(f"mfu       {row['model']:13s} seq {row['seq_len']}, {row['batch_tokens']} tok/step, micro "
@@ -367,6 +368,7 @@ def main() -> None:
     parser.add_argument("--cpu-seq-len", type=int, default=256)
     parser.add_argument("--cpu-batch-tokens", type=int, default=4096)
     parser.add_argument("--cpu-micro-batch", type=int, default=2)
+    parser.add_argument("--cpu-threads", type=int, default=1, help="threads per process of the processes section")
     parser.add_argument("--device", default="cuda" if cuda else "cpu", help="of the mfu and fit sections")
     parser.add_argument("--models", default="smollm2-135m,smollm2-1.7b", help="of the mfu section")
     parser.add_argument("--ladder", default="smollm2-1.7b,llama-3b,llama-8b,llama-14b", help="of the fit section")
