@@ -256,6 +256,7 @@ def test_rehydration_repeats_by_cluster_size(tmp_path):
      "curate.executor_options: 'partition' is required by the slurm executor"),
     ({"executor_options": {"queue": "x"}}, "curate.executor_options: 'queue' is not a setting of datatrove's"),
     ({"executor_options": {"tasks": 4}}, "curate.executor_options: 'tasks' is set by graftlm"),
+    ({"submit": False}, "curate.submit: only the slurm executor submits jobs (executor is local)"),
     ({"workers": 0}, "curate.workers: "),
     ({"filters": {"gopher_quality": {"min_doc_word": 10}}},
      "curate.filters.gopher_quality.min_doc_word: unknown key (did you mean 'min_doc_words'?)"),

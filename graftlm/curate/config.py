@@ -157,6 +157,9 @@ class CurateConfig(Section):
     """Shards of the input; default: `workers`."""
     executor_options: dict[str, Any] = Field(default_factory=dict, validate_default=True)
     """Passed to the executor as they are, e.g. slurm: {partition: cpu, time: '2:00:00', mem_per_cpu_gb: 4}."""
+    submit: bool = True
+    """slurm: submit the jobs. false writes their sbatch scripts and a submit.sh into curated/.work/<source>/slurm/
+    without submitting anything (to read them, or to submit them by hand)."""
     language_id: LanguageIdConfig = LanguageIdConfig()
     filters: FiltersConfig = FiltersConfig()
     minhash: MinhashSettings = MinhashSettings()
@@ -174,6 +177,14 @@ class CurateConfig(Section):
             if size < 1 or times < 0:
                 raise ValueError(f"cluster sizes must be >= 1 and times >= 0, got {size}: {times}")
         return dict(sorted(table.items()))
+
+    @field_validator("submit")
+    @classmethod
+    def _submit_is_slurm(cls, submit: bool, info: ValidationInfo) -> bool:
+        if not submit and info.data.get("executor") != "slurm":
+            raise ValueError("only the slurm executor submits jobs (executor is "
+                             f"{info.data.get('executor', 'local')})")
+        return submit
 
     @field_validator("executor_options")
     @classmethod

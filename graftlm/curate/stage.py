@@ -30,6 +30,7 @@ from graftlm.curate.filters import FILTER_CLASSES, filter_settings, quality_filt
 from graftlm.curate.langid import LanguageIdFilter, normalize_language, threshold_for
 from graftlm.curate.reader import IntermediateReader, SourceReader
 from graftlm.curate.rehydrate import Rehydrate
+from graftlm.curate.slurm import write_slurm_jobs
 from graftlm.curate.stats import Meter, build_stats, progress_bytes
 from graftlm.data.config import SourceConfig
 from graftlm.data.read import resolve_paths
@@ -39,7 +40,7 @@ from graftlm.runs import atomic_dir, file_signature, fingerprint, inside, read_j
 from graftlm.stage import Stage
 
 CURATE_FORMAT = 1
-EXECUTION_KEYS = {"sources", "executor", "executor_options", "workers", "tasks"}
+EXECUTION_KEYS = {"sources", "executor", "executor_options", "submit", "workers", "tasks"}
 
 
 class Curate(Stage):
@@ -100,7 +101,13 @@ def curate_source(run_name: str, name: str, source: SourceConfig, config: Curate
     finalize = Finalize(header, work, final, inside(curated, "excluded", name),
                         {j.name: str(j.logging_dir) for j in jobs})
     jobs.append(Job("finalize", [finalize], 1, work / "logs/finalize"))
-    run_jobs(config, jobs, job_name=f"graft-{run_name}-{name}", label=name)
+    job_name = f"graft-{run_name}-{name}"
+    if not config.submit:
+        script = write_slurm_jobs(config, jobs, job_name, work / "slurm")
+        raise GraftError(f"curate: wrote the Slurm jobs that curate '{name}' without submitting them "
+                         f"(curate.submit is false): `bash {script}` submits them; run the same command again "
+                         f"when they are done")
+    run_jobs(config, jobs, job_name=job_name, label=name)
     if config.executor == "slurm":
         write_json_atomic(work / "submitted.json", {"jobs": [j.name for j in jobs]})
         raise GraftError(f"curate: submitted the curation of '{name}' to Slurm (logs: {work / 'logs'}); "
