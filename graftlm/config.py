@@ -1,4 +1,5 @@
-"""Building blocks of recipe sections: a strict base model and a path type that resolves against the recipe."""
+"""Building blocks of recipe sections: a strict base model, a path type that resolves against the recipe, a model
+and a language type."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import os
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo
+
+from graftlm.languages import normalize_language
 
 
 class Section(BaseModel):
@@ -40,3 +43,8 @@ def resolve_model_spec(spec: str, info: ValidationInfo) -> str:
 
 ModelSpec = Annotated[str, AfterValidator(resolve_model_spec)]
 """A model: a bundled name (`smollm2-135m`), a Hugging Face folder, a .gguf file or a hub id."""
+
+
+LanguageCode = Annotated[str, AfterValidator(normalize_language)]
+"""A language in a recipe (`sw`, `swh`, `swh_Latn`, ...), held as its canonical code (graftlm/languages.py); an
+unknown code is an error naming the key."""

@@ -28,13 +28,14 @@ from graftlm.curate.dedup import (ClusterSizeDedupFilter, buckets_stage, cluster
                                   signature_stage)
 from graftlm.curate.executors import Stage, run_stages
 from graftlm.curate.filters import FILTER_CLASSES, filter_settings, quality_filters
-from graftlm.curate.langid import LanguageIdFilter, normalize_language, threshold_for
+from graftlm.curate.langid import LanguageIdFilter, check_backend_knows, threshold_for
 from graftlm.curate.reader import IntermediateReader, SourceReader
-from graftlm.curate.rehydrate import Rehydrate
+from graftlm.curate.rehydrate import Rehydrate, rehydration_table
 from graftlm.curate.stats import Meter, build_stats, progress_bytes
 from graftlm.data.config import SourceConfig
 from graftlm.data.read import resolve_paths
 from graftlm.errors import DataError, GraftError, RecipeError
+from graftlm.languages import language
 from graftlm.progress import log
 from graftlm.recipe import Recipe
 from graftlm.runs import RunDir, atomic_dir, file_signature, fingerprint, read_json, write_json_atomic
@@ -57,8 +58,11 @@ def curated_sources(recipe: Recipe) -> list[str]:
 
 
 def curate_source(run_name: str, name: str, source: SourceConfig, config: CurateConfig, curated: Path) -> dict:
-    lang = normalize_language(source.lang)
+    lang = language(source.lang).code
     _check_word_tokenizer(name, lang)
+    if config.language_id.enabled:
+        check_backend_knows(config.language_id, lang)
+    rehydration_table(config.rehydrate, config.max_repetitions, lang)  # FineWeb2 may have none for the language
     files = resolve_paths(source, name)
     key = fingerprint(CURATE_FORMAT, config.model_dump(mode="json", exclude=EXECUTION_KEYS),
                       source.model_dump(mode="json"), [file_signature(f) for f in files])
@@ -127,7 +131,9 @@ def plan_stages(name: str, source: SourceConfig, lang: str, config: CurateConfig
         Stage("minhash_buckets", [buckets_stage(folder, minhash)], minhash.num_buckets, work / "logs/buckets"),
         Stage("minhash_clusters", [cluster_stage(folder, minhash)], 1, work / "logs/clusters"),
         Stage("dedup_rehydrate", reread("dedup") + [ClusterSizeDedupFilter(folder, duplicates), Meter("minhash"),
-                                                    Rehydrate(config.rehydrate), Meter("rehydrate"),
+                                                    Rehydrate(rehydration_table(config.rehydrate,
+                                                                                config.max_repetitions, lang)),
+                                                    Meter("rehydrate"),
                                                     JsonlWriter(str(work / "output"))],
               tasks, work / "logs/dedup", work / "progress/dedup", kept_bytes),
     ]
@@ -176,11 +182,18 @@ def _open_work_dir(work: Path, key: str) -> None:
 
 
 def _check_word_tokenizer(name: str, lang: str) -> None:
-    from datatrove.utils.word_tokenizers import load_tokenizer_assignments
+    """The word tokenizer datatrove assigns the language exists and its package is installed (datatrove checks
+    the package when the tokenizer is made), before any work."""
+    from datatrove.utils.word_tokenizers import load_tokenizer_assignments, load_word_tokenizer
 
-    if lang not in load_tokenizer_assignments():
-        raise RecipeError(f"sources.{name}.lang: datatrove has no word tokenizer for '{lang}' (an ISO 639-1 or "
-                          f"639-3 code, e.g. vi, id, en)")
+    found = language(lang)
+    if found.fineweb2 not in load_tokenizer_assignments():
+        raise RecipeError(f"sources.{name}.lang: datatrove assigns no word tokenizer to {found.name} "
+                          f"({found.code}, {found.fineweb2}), which the quality filters need")
+    try:
+        load_word_tokenizer(found.fineweb2)
+    except ImportError as e:
+        raise RecipeError(f"sources.{name}.lang: the word tokenizer for {found.name} needs a package: {e}") from None
 
 
 def _settings(config: CurateConfig, lang: str) -> dict:
@@ -192,7 +205,7 @@ def _settings(config: CurateConfig, lang: str) -> dict:
         "filters": {name: filter_settings(config.filters, lang, name) for name in FILTER_CLASSES
                     if getattr(config.filters, name).enabled},
         "minhash": config.minhash.enabled and config.minhash.model_dump(exclude={"enabled"}),
-        "rehydrate": config.minhash.enabled and config.rehydrate,
+        "rehydrate": config.minhash.enabled and rehydration_table(config.rehydrate, config.max_repetitions, lang),
     }
 
 
