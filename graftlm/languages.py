@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import difflib
-import re
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -98,16 +97,18 @@ def _table() -> _Table:
     return _Table(scripts, names, code_1, individual)
 
 
-_SUBTAG = re.compile(r"[A-Za-z0-9]+")
-
-
 def _parse(code: str) -> tuple[str, str | None]:
-    """(language subtag, script subtag or None) of `vi`, `vi-VN`, `__label__vie_Latn`, `zh-Hans-CN`."""
-    parts = _SUBTAG.findall(code.strip().removeprefix("__label__"))
-    if not parts:
+    """(language subtag, script subtag or None) of `vi`, `vi-VN`, `__label__vie_Latn`, `zh-Hans-CN`; ("", None)
+    for anything else (`my-own-set` is not Burmese)."""
+    parts = code.strip().removeprefix("__label__").replace("_", "-").split("-")
+    language_part, rest = parts[0], parts[1:]
+    is_script = [len(p) == 4 and p.isalpha() for p in rest]
+    is_region = [(len(p) == 2 and p.isalpha()) or (len(p) == 3 and p.isdigit()) for p in rest]
+    if not (2 <= len(language_part) <= 3 and language_part.isalpha() and language_part.isascii()) \
+            or not all(a or b for a, b in zip(is_script, is_region)) or sum(is_script) > 1:
         return "", None
-    script = next((p.title() for p in parts[1:] if len(p) == 4 and p.isalpha()), None)
-    return parts[0].lower(), script
+    script = next((p.title() for p, yes in zip(rest, is_script) if yes), None)
+    return language_part.lower(), script
 
 
 def _individual(subtag: str) -> str | None:

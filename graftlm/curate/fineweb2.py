@@ -78,4 +78,4 @@ def language_score(lang: str) -> float | None:
 def rehydration_weights(lang: str, max_repetitions: int) -> dict[int, int] | None:
     """FineWeb2's {min cluster size: times written} for a language, None when FineWeb2 has no weights for it."""
     table = _rehydration()[str(max_repetitions)].get(language(lang).fineweb2)
-    return None if table is None else {int(size): int(times) for size, times in table.items()}
+    return None if table is None else dict(sorted((int(size), int(times)) for size, times in table.items()))
