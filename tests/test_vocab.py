@@ -393,8 +393,11 @@ eval:
     code, _, err = run_graft(monkeypatch, capsys, "vocab", str(recipe), "--runs-dir", str(tmp_path / "runs"))
     assert code == 0 and "up to date" in err and os.stat(run.vocab / "stats.json").st_mtime_ns == stamp
     code, _, err = run_graft(monkeypatch, capsys, "vocab", str(recipe), "--runs-dir", str(tmp_path / "runs"),
-                             "--set", "vocab.new_tokens=100")
-    assert code == 0 and json.loads((run.vocab / "stats.json").read_text())["new_tokens"] == 100
+                             "--set", "vocab.new_tokens=20000", "--set", "vocab.compare_inits=false")
+    stats = json.loads((run.vocab / "stats.json").read_text())  # a changed setting: made again
+    assert code == 0 and 400 < stats["new_tokens"] < 10000  # 40 articles do not have 20,000 tokens: it says why
+    assert f"vocab: warning: added {stats['new_tokens']:,} of the 20,000 tokens asked for: the tokenizer trained on" in err
+    assert stats["replay"]["sources"] == ["en"] and stats["skipped"]["changes_replay"] > 0
 
 
 def test_graft_vocab_without_a_vocab_section_says_so(tmp_path, monkeypatch, capsys):
