@@ -139,20 +139,22 @@ def test_ascii_words_of_the_target_are_added_digits_never(smol):
 
 def test_replay_check_skips_what_the_replay_text_uses(smol):
     base_json = smol[0]
+    vietnamese = list(read_documents(VI_TEXT))[:60]
+    english = [next(iter(read_documents(EN_REPLAY)))[:30_000]]  # a small replay sample, ~6,000 words
     word = "Mountbatten"  # an English name, split by the base, written into both texts
-    target = [f"{doc} {word} {word}." for doc in read_documents(VI_TEXT)]
-    replay = [f"Lord {word} said so; {word} agreed." for _ in range(400)] + list(read_documents(EN_REPLAY))
-    unchecked = extend(base_json, target, 1500)
-    checked = extend(base_json, target, 1500, replay=replay)
+    target = [f"{doc} {word} {word}." for doc in vietnamese]
+    replay = [f"Lord {word} said so; {word} agreed." for _ in range(100)] + english
+    unchecked = extend(base_json, target, 800)
+    checked = extend(base_json, target, 800, replay=replay)
     assert f"Ġ{word}" in unchecked.tokens and f"Ġ{word}" not in checked.tokens
-    assert checked.skipped["changes_replay"] >= 1 and checked.replay["changed_share"] < 1e-3
-    # a name a (small) replay sample never shows counts as one replay word: a rare one is skipped, whereas a token
-    # with characters the replay text never uses (Cyrillic against English) is not held back
-    small_replay = [next(iter(read_documents(EN_REPLAY)))[:30_000]]
-    target = [f"{doc} Hartleton Москва." if i % 3 == 0 else doc for i, doc in enumerate(read_documents(VI_TEXT))]
-    plain = extend(base_json, target, 1500)
+    assert checked.skipped["changes_replay"] >= 1 and checked.replay["changed_share"] < 1e-2
+    # a name the replay sample never shows counts as one replay word: used less than replay_ratio times as often
+    # in the target, it is skipped, whereas a token with characters the replay text never uses (Cyrillic against
+    # English) is not held back
+    target = [f"{doc} Hartleton Москва." for doc in vietnamese]
+    plain = extend(base_json, target, 800)
     assert {"ĠHartleton", "ĠÐľÐ¾ÑģÐºÐ²Ð°"} <= set(plain.tokens)
-    checked = extend(base_json, target, 1500, replay=small_replay)
+    checked = extend(base_json, target, 800, replay=english)
     assert "ĠHartleton" not in checked.tokens and "ĠÐľÐ¾ÑģÐºÐ²Ð°" in checked.tokens
 
 

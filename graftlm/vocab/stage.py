@@ -32,7 +32,7 @@ from graftlm.vocab.init import INITS, VOCAB_ROWS_FILE, grow_embeddings, initiali
 VOCAB_FORMAT = 1
 TRAIN_VOCAB_PER_NEW_TOKEN = 6
 """The target tokenizer is trained this many times larger than `new_tokens`: most of its tokens are ones the base
-already has, or ASCII, digits and punctuation, which are not added."""
+already has, digits and punctuation, or pieces the replay check skips, which are not added."""
 SAMPLE_BYTES = 8_000_000
 """Target text tokenised for the replay check (each token's use to the target) and the `weighted` init's
 similarity vectors."""
