@@ -160,15 +160,24 @@ def _curation(stats: dict) -> str:
 
 
 def _vocabulary(stats: dict) -> str:
-    """Tokens per word and per byte on each language's held-out text, before and after the extension."""
-    rows = [(lang, f"{f['before']['tokens_per_word']:.3f}", f"{f['after']['tokens_per_word']:.3f}",
-             f"{f['before']['tokens_per_byte']:.4f}", f"{f['after']['tokens_per_byte']:.4f}",
-             f"{f['identical_documents']:.1%}") for lang, f in stats["fertility"].items()]
-    page = (f"<h3>Vocabulary extension</h3><p>{stats['new_tokens']:,} new tokens learned from "
-            f"'{_e(stats['source'])}' ({stats['family']}), new rows initialised by {_e(stats['init'])}; "
-            f"examples: {_e(' '.join(stats['examples'][:20]))}</p>"
-            + html_table(("language", "tokens/word before", "after", "tokens/byte before", "after",
-                      "documents tokenised as before"), rows, text_columns=1))
+    """Tokens per word (per character for a language without spaces) and per byte on each language's held-out
+    text, before and after the extension."""
+    rows = []
+    for lang, f in stats["fertility"].items():
+        unit = f.get("unit", "word")  # runs from before per-character fertility hold words only
+        rows.append((lang, f"tokens per {unit}", f"{f['before'][f'tokens_per_{unit}']:.3f}",
+                     f"{f['after'][f'tokens_per_{unit}']:.3f}", f"{f['before']['tokens_per_byte']:.4f}",
+                     f"{f['after']['tokens_per_byte']:.4f}", f"{f['identical_documents']:.1%}"))
+    replay = stats.get("replay") or {}
+    protected = (f" Replay protection on {', '.join(map(_e, replay['sources']))} ({replay['bytes'] / 1e6:.1f} MB): "
+                 f"{stats['skipped'].get('changes_replay', 0):,} candidates skipped, "
+                 f"{replay['changed_share']:.3%} of its words tokenised differently."
+                 if replay.get("words") else "")
+    page = (f"<h3>Vocabulary extension</h3><p>{stats['new_tokens']:,} new tokens (of {stats['requested']:,} asked "
+            f"for) learned from '{_e(stats['source'])}' ({stats['family']}), new rows initialised by "
+            f"{_e(stats['init'])}.{protected} Examples: {_e(' '.join(stats['examples'][:20]))}</p>"
+            + html_table(("language", "fertility", "before", "after", "tokens/byte before", "after",
+                          "documents tokenised as before"), rows, text_columns=2))
     step0 = stats.get("bpb_before_training") or {}
     if step0:
         sets = list(step0["base"])
