@@ -112,6 +112,23 @@ class HarnessConfig(Section):
         return tasks
 
 
+class IdentifierConfig(Section):
+    """The language identifier that names a continuation's language: one of the curation stage's backends."""
+
+    backend: Literal["py3langid", "lingua", "fasttext"] = "py3langid"
+    """As `curate.language_id.backend`: py3langid and lingua ship their models; fasttext reads `model`."""
+    model: RecipePath | None = None
+    """A local fastText model file (GlotLID's model_v3.bin, lid.176.bin); fasttext only."""
+
+    @model_validator(mode="after")
+    def _as_curation_checks_it(self) -> "IdentifierConfig":
+        self.curation()  # the same rules as curate.language_id (fasttext needs a model, the others none)
+        return self
+
+    def curation(self) -> LanguageIdConfig:
+        return LanguageIdConfig(backend=self.backend, model=self.model)
+
+
 class GenerateConfig(Section):
     """Greedy continuations of the first words of held-out sentences, and the language they are written in."""
 
@@ -126,9 +143,9 @@ class GenerateConfig(Section):
     no spaces)."""
     seed: int = 0
     """Which lines are sampled; the continuations themselves are greedy."""
-    language_id: LanguageIdConfig = LanguageIdConfig()
-    """The language identifier (as in `curate.language_id`: py3langid by default) that names each continuation's
-    language and that of each of its sentences."""
+    language_id: IdentifierConfig = IdentifierConfig()
+    """The language identifier (a `curate.language_id` backend: py3langid by default) that names each
+    continuation's language and that of each of its sentences."""
 
 
 class LensConfig(Section):

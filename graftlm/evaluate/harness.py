@@ -64,6 +64,8 @@ class Harness:
         self.work_dir = Path(work_dir)
         self.tasks_dir = self.work_dir / "tasks"
         self.cache_dir = self.work_dir / "cache"
+        if config.include_path and not os.path.isdir(config.include_path):
+            raise GraftError(f"eval.harness.include_path: {config.include_path}: no such folder")
         self.local = {task.result_name: task for task in config.tasks if task.task in LOCAL_TASKS}
         with atomic_dir(self.tasks_dir) as tmp:
             for name, task in self.local.items():
@@ -82,8 +84,6 @@ class Harness:
             from lm_eval.tasks import TaskManager
 
             paths = [str(self.tasks_dir)] + ([self.config.include_path] if self.config.include_path else [])
-            if self.config.include_path and not os.path.isdir(self.config.include_path):
-                raise GraftError(f"eval.harness.include_path: {self.config.include_path}: no such folder")
             with _quiet_lm_eval():
                 manager = TaskManager(include_path=paths, include_defaults=False)
                 if any(name not in manager.all_tasks for name in self.names):

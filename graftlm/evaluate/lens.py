@@ -109,8 +109,10 @@ class TokenLanguages:
         return cls.from_counts(counts, vocab_size, exclude, "the packed training data")
 
     def share_counts(self, token_ids: "torch.Tensor") -> np.ndarray:
-        """How many of `token_ids` belong to each language (in `languages` order)."""
-        owners = self.owner[token_ids.cpu().numpy()]
+        """How many of `token_ids` belong to each language (in `languages` order); ids past the tokenizer's (the
+        rows an output head is padded with) belong to none."""
+        ids = token_ids.cpu().numpy()
+        owners = self.owner[ids[ids < len(self.owner)]]
         return np.bincount(owners[owners >= 0], minlength=len(self.languages))
 
 

@@ -155,7 +155,7 @@ class Evaluator:
         from graftlm.evaluate.generate import continuations, language_rates
 
         config = self.config.generate
-        identify = make_identifier(config.language_id)
+        identify = make_identifier(config.language_id.curation())
         results = {}
         for lang, prompt_set in self.prompts.items():
             with _bar(progress, f"generate {lang}") as on_batch:
