@@ -254,11 +254,13 @@ def results_table(results: dict) -> "Group":
                                 str(r.get("n", "")))
         tables.append(harness)
     if results.get("generate"):
-        generate = table("generations", "same language", "mixed", "distinct-1", "distinct-2", "languages", "n")
+        generate = table("prompts", "same language", "mixed", "distinct-1", "distinct-2", "n", "languages")
+        last = generate.columns[-1]
+        last.no_wrap, last.overflow, last.justify = False, "fold", "left"
         for lang, r in results["generate"].items():
             languages = ", ".join(f"{code} {count}" for code, count in r["languages"].items())
             generate.add_row(lang, f"{r['same_language']:.0%}", f"{r['mixed']:.0%}", _maybe(r["distinct_1"]),
-                             _maybe(r["distinct_2"]), languages, str(r["n"]))
+                             _maybe(r["distinct_2"]), str(r["n"]), languages)
         tables.append(generate)
     for lang, r in (results.get("lens") or {}).items():
         columns = ["bits/byte", *(f"{code} share" for code in r["shares"])]
