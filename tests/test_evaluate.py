@@ -217,7 +217,7 @@ def test_graft_eval_json(tmp_path, tiny_model_dir, monkeypatch, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--text", "missing.tsv"], "missing.tsv: no such file"),
     (["--choice", "BAD"], "bad.jsonl:2: invalid JSON"),
-    ([], "give at least one --text or --choice"),
+    ([], "give at least one --text, --choice, --harness, --generate or --lens"),
     (["--text", "GOOD", "--dtype", "fp8"], "--dtype: expected one of"),
 ])
 def test_graft_eval_bad_input_is_one_line_and_exit_2(tmp_path, tiny_model_dir, monkeypatch, capsys, args, message):
