@@ -274,6 +274,17 @@ def test_lens_last_layer_is_the_models_own_bits_per_byte(tiny, lens_evaluator):
     assert lens["token_languages"] == "the lens texts"
 
 
+def test_lens_in_bfloat16_is_close_to_float32(tiny, lens_evaluator):
+    from graftlm.evaluate.lens import logit_lens
+
+    model, tokenizer = tiny
+    text_set = lens_evaluator.lens_text["en"]
+    settings = dict(start_id=tokenizer.bos_token_id, pad_id=0, max_length=256)
+    full = logit_lens(model, text_set, lens_evaluator.token_languages, **settings)
+    half = logit_lens(model, text_set, lens_evaluator.token_languages, **settings, dtype="bfloat16")
+    assert half["bpb"] == pytest.approx(full["bpb"], rel=0.02)
+
+
 def test_lens_under_a_lora_adapter(tiny, lens_evaluator):
     """peft's LoRA starts as the identity (B = 0): the lens of the adapted model equals the plain one's."""
     import copy

@@ -100,11 +100,12 @@ def prompt_of(sentence: str, words: int) -> str:
 
 
 def continuations(model: "PreTrainedModel", prompt_set: PromptSet, start_id: int, pad_id: int, eos_id: int | None,
-                  max_new_tokens: int, batch_size: int = 16, dtype: str = "float32",
+                  max_new_tokens: int, batch_size: int = 16,
                   on_batch: Callable[[int, int], None] | None = None) -> list[list[int]]:
     """The greedy continuation of each prompt (after the start token), as token ids, ending before EOS.
 
-    Prompts of similar length are batched, left-padded and masked; the model's mode is restored afterwards.
+    Prompts of similar length are batched, left-padded and masked; the model's mode is restored afterwards. The
+    model runs in its own precision: under autocast every weight would be cast again for every generated token.
     """
     import torch
     from transformers import GenerationConfig
@@ -117,7 +118,7 @@ def continuations(model: "PreTrainedModel", prompt_set: PromptSet, start_id: int
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     device = next(model.parameters()).device
     results: list[list[int]] = [[] for _ in prompts]
-    with torch.no_grad(), eval_mode(model), precision(dtype, device):
+    with torch.no_grad(), eval_mode(model), precision("float32", device):
         for at in range(0, len(order), batch_size):
             rows = order[at:at + batch_size]
             width = max(len(prompts[i]) for i in rows)

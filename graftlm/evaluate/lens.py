@@ -155,6 +155,7 @@ def logit_lens(model: "PreTrainedModel", text_set: TextSet, token_languages: Tok
     from graftlm.evaluate.scoring import batch_inputs, eval_mode, precision, span_batches
 
     norm, head = final_norm_and_head(model)
+    project = _projection(head, dtype)
     spans = [span for doc in text_set.documents for span in windows([start_id, *doc], max_length)]
     device = next(model.parameters()).device
     nats: np.ndarray | None = None
@@ -167,7 +168,7 @@ def logit_lens(model: "PreTrainedModel", text_set: TextSet, token_languages: Tok
             out = model(**batch.inputs, output_hidden_states=True)
             # hidden_states[0] is the embeddings, [i] block i's output; the last one has been through the final
             # norm already, so the last layer is the model's own logits.
-            layers = [head(norm(h[:, :-1][batch.where])) for h in out.hidden_states[:-1]]
+            layers = [project(norm(h[:, :-1][batch.where])) for h in out.hidden_states[:-1]]
             layers.append(out.logits[:, :-1][batch.where])
             layer_nats, layer_counts = [], []
             for logits in layers:
@@ -184,3 +185,16 @@ def logit_lens(model: "PreTrainedModel", text_set: TextSet, token_languages: Tok
     return {"layers": list(range(len(nats))), "bpb": (nats / math.log(2) / size).tolist(),
             "shares": {lang: (counts[:, i] / positions).tolist() for i, lang in enumerate(token_languages.languages)},
             "token_languages": token_languages.origin, "documents": len(text_set.documents), "tokens": positions}
+
+
+def _projection(head: "torch.nn.Module", dtype: str) -> Callable:
+    """The output head as a function. Under bfloat16 a linear head's weight is cast once here: autocast would
+    cast the whole vocabulary-by-hidden matrix again for every layer of every batch."""
+    import torch
+    import torch.nn.functional as F
+
+    if dtype != "bfloat16" or not isinstance(head, torch.nn.Linear):
+        return head
+    weight = head.weight.to(torch.bfloat16)
+    bias = None if head.bias is None else head.bias.to(torch.bfloat16)
+    return lambda hidden: F.linear(hidden.to(torch.bfloat16), weight, bias)

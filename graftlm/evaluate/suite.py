@@ -160,8 +160,7 @@ class Evaluator:
         for lang, prompt_set in self.prompts.items():
             with _bar(progress, f"generate {lang}") as on_batch:
                 generated = continuations(model, prompt_set, self.start_id, self.pad_id, self.tokenizer.eos_token_id,
-                                          config.max_new_tokens, self.config.batch_size, self.config.dtype,
-                                          on_batch)
+                                          config.max_new_tokens, self.config.batch_size, on_batch)
             results[lang] = language_rates(prompt_set, generated, self.tokenizer, identify)
         return results
 
