@@ -166,10 +166,13 @@ def extend_vocabulary(recipe: Recipe, run: RunDir, key: str) -> dict:
 
 
 def _text_evaluator(recipe: Recipe, tokenizer):
-    """The recipe's `eval.text` sets (the during-training subsets), read and tokenised with `tokenizer`."""
+    """The recipe's `eval.text` sets (the during-training subsets) alone, read and tokenised with `tokenizer`."""
+    from graftlm.evaluate.config import EvalConfig
     from graftlm.evaluate.suite import Evaluator
 
-    return Evaluator.from_config(recipe.eval.model_copy(update={"choice": {}}), tokenizer)
+    text_only = recipe.eval.model_dump(include={"text", "text_field", "max_documents", "batch_size", "max_length",
+                                                "dtype"})
+    return Evaluator.from_config(EvalConfig(**text_only), tokenizer)
 
 
 def _text_bpb(evaluator, model) -> dict[str, float]:
