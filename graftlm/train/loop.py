@@ -38,7 +38,7 @@ from graftlm.train.checkpoint import (check_resumable, complete_checkpoints, loa
 from graftlm.train.distill import Distiller, replay_sources
 from graftlm.train.ema import EMA
 from graftlm.train.loss import CausalLMLoss
-from graftlm.train.methods import ADAPTER_DIR, Method, trainable_count
+from graftlm.train.methods import ADAPTER_DIR, Method, apply_lr, scale_row_updates, trainable_count
 from graftlm.train.phases import Phase, phase_at, plan_phases
 
 FINAL_MARKER = "graft-train.json"
@@ -167,8 +167,7 @@ def train(recipe: Recipe, run: RunDir, fresh: bool = False,
                 log(f"train: source '{e}' is exhausted and mixture.repeat is false: stopping at step {state.step}")
                 break
             lr = phase.lr_at(state.step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            apply_lr(optimizer, lr)
             flags = np.array([name in replay for name in names]) if replay is not None else None
             loss, distilled = _accumulate_gradients(wrapped, batch[rank::world],
                                                     flags[rank::world] if flags is not None else None, cfg,
@@ -254,6 +253,7 @@ def _start_phase(phase: Phase, method: Method, cfg, accelerator, distiller: Dist
                                   **_fused_if_available(accelerator.device))
     if saved_optimizer is not None:
         optimizer.load_state_dict(saved_optimizer)
+    scale_row_updates(optimizer)
     wrapped = accelerator.prepare_model(CausalLMLoss(method.model, chunked=cfg.loss == "chunked",
                                                      distiller=distiller))
     return optimizer, wrapped, [p for group in groups for p in group["params"]]
