@@ -29,7 +29,7 @@ from graftlm.pipeline import PREPARE_STAGES, STAGES, run_stages
 from graftlm.progress import log
 from graftlm.recipe import Recipe, load_recipe
 from graftlm.report import plots
-from graftlm.report.page import STYLE, embed_png, html_table
+from graftlm.report.page import STYLE, embed_png, html_table, target_bytes_per_s
 from graftlm.report.verdict import Verdict, compute_verdict
 from graftlm.runs import RunDir, read_json, write_json_atomic, write_text_atomic
 
@@ -163,8 +163,9 @@ def write_compare_report(parent: RunDir, runs: dict[str, tuple[Variant, Recipe, 
     rows = []
     for name, (variant, recipe, run) in runs.items():
         marker = run.model / "graft-train.json"
-        rows.append(Row(name, variant.overrides, compute_verdict(recipe, metrics[name]),
-                        read_json(marker) if marker.is_file() else {}))
+        training = read_json(marker) if marker.is_file() else {}
+        training["target_bytes_per_s"] = target_bytes_per_s(recipe, run, training)
+        rows.append(Row(name, variant.overrides, compute_verdict(recipe, metrics[name]), training))
     # final bits per byte, not changes: variants may start from different models (an extended vocabulary starts
     # from its resized base), and bits per byte compare across tokenizers
     points = {r.variant: (r.mean_bpb("source"), r.mean_bpb("target")) for r in rows
@@ -176,6 +177,7 @@ def write_compare_report(parent: RunDir, runs: dict[str, tuple[Variant, Recipe, 
         "target_bpb": r.mean_bpb("target"), "source_bpb": r.mean_bpb("source"),
         "target_delta_bpb": r.mean_bpb("target", "delta"), "source_delta_bpb": r.mean_bpb("source", "delta"),
         "pareto": r.variant in front, "tokens": r.training.get("tokens"), "elapsed_s": r.training.get("elapsed_s"),
+        "target_bytes_per_s": r.training.get("target_bytes_per_s"),
         "trainable_parameters": r.training.get("trainable_parameters"),
         "changes": {c.name: {"role": c.role, "kind": c.kind, "base": c.base, "final": c.final, "delta": c.delta}
                     for c in (r.verdict.changes if r.verdict else [])}} for r in rows}
@@ -187,13 +189,16 @@ def write_compare_report(parent: RunDir, runs: dict[str, tuple[Variant, Recipe, 
         by_set = {(c.role, c.kind, c.name): c for c in (r.verdict.changes if r.verdict else [])}
         speed = (f"{r.training['tokens'] / r.training['elapsed_s']:,.0f}"
                  if r.training.get("tokens") and r.training.get("elapsed_s") else "—")
+        target_speed = r.training.get("target_bytes_per_s")
         trainable = r.training.get("trainable_parameters") or [{}]
         table_rows.append((r.variant, " ".join(r.overrides), *(_change_cell(by_set.get(s)) for s in sets),
                            _number(r.mean_bpb("target")), _number(r.mean_bpb("source")),
-                           "yes" if r.variant in front else "", f"{trainable[-1].get('parameters', 0):,}", speed))
+                           "yes" if r.variant in front else "", f"{trainable[-1].get('parameters', 0):,}", speed,
+                           f"{target_speed:,.0f}" if target_speed else "—"))
     table = html_table(("variant", "overrides",
                         *(f"{role} {name} {'bpb' if kind == 'text' else 'accuracy'} (Δ)" for role, kind, name in sets),
-                        "target bpb (mean)", "source bpb (mean)", "Pareto", "trainable parameters", "tokens/s"),
+                        "target bpb (mean)", "source bpb (mean)", "Pareto", "trainable parameters", "tokens/s",
+                        "target bytes/s"),
                        table_rows, text_columns=2)
     figures = [plots.pareto_scatter(points, front, plots.variant_colors(list(runs))),
                plots.compare_curves(metrics, "text"), plots.compare_curves(metrics, "choice")]
@@ -206,7 +211,9 @@ def write_compare_report(parent: RunDir, runs: dict[str, tuple[Variant, Recipe, 
             "<p class='summary'>Each variant's final model: bits per byte (lower is better; comparable across "
             "tokenizers) and, in brackets, the change from the variant's own start model — the base, or the base "
             "with its vocabulary extended. The target language should fall, the source languages should not rise. "
-            "A variant is on the Pareto front when no other one ends lower on both.</p>"
+            "A variant is on the Pareto front when no other one ends lower on both. Target bytes/s: training "
+            "throughput in UTF-8 bytes of target-language text (a tokenizer that needs fewer tokens for the same "
+            "text reads more of it at the same tokens/s).</p>"
             f"{table}" + "".join(embed_png(f) for f in figures if f)
             + f"<h2>Variants</h2><ul>{links}</ul></body></html>")
     write_text_atomic(folder / "report.html", page)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from graftlm.recipe import Recipe, load_recipe
 from graftlm.report import plots
-from graftlm.report.verdict import Verdict, compute_verdict, verdict_rows
+from graftlm.report.verdict import Verdict, compute_verdict, target_language, verdict_rows
 from graftlm.runs import RunDir, read_json, write_text_atomic
 
 STYLE = """
@@ -49,6 +49,7 @@ def build_report(recipe: Recipe, run: RunDir) -> Verdict | None:
     figures = [plots.loss_and_lr(metrics), plots.eval_curves(metrics, "text", target, {}),
                plots.eval_curves(metrics, "choice", target, langs), plots.tokens_by_source(metrics)]
     training = _training_summary(run)
+    training["target_bytes_per_s"] = target_bytes_per_s(recipe, run, training)
     sections = [
         f"<h1>graftlm run: {_e(recipe.name)}</h1>",
         f"<p class='muted'>base model {_e(recipe.base_model)} · {_e(str(run.root))}</p>",
@@ -88,7 +89,9 @@ def model_card(recipe: Recipe, verdict: Verdict | None, training: dict) -> str:
     lines += ["", "## Training", "",
               f"{training.get('step', '?')} steps, {training.get('tokens', 0):,} tokens "
               f"({recipe.train.seq_len}-token sequences, peak lr {recipe.train.lr:g}, "
-              f"{recipe.train.schedule.name} schedule), {training.get('elapsed_s', 0):.0f} s of training.", ""]
+              f"{recipe.train.schedule.name} schedule), {training.get('elapsed_s', 0):.0f} s of training"
+              + (f" ({training['target_bytes_per_s']:,.0f} bytes of {target_language(recipe)} text a second)"
+                 if training.get("target_bytes_per_s") else "") + ".", ""]
     if verdict:
         lines += ["## Evaluation: gained and lost", "",
                   f"Base model (step {verdict.base_step}) against this model (step {verdict.final_step}). "
@@ -102,6 +105,21 @@ def model_card(recipe: Recipe, verdict: Verdict | None, training: dict) -> str:
     return "\n".join(lines)
 
 
+def target_bytes_per_s(recipe: Recipe, run: RunDir, training: dict) -> float | None:
+    """Training throughput in UTF-8 bytes of target-language text per second: the tokens read from each source of
+    the target language, times that packed source's bytes per token (its manifest), over the seconds of training.
+    Unlike tokens per second it does not flatter a tokenizer that cuts the text finer, so a vocabulary extension's
+    gain in speed shows. None when the run has not trained or has no target source."""
+    target, read, seconds = target_language(recipe), training.get("tokens_by_source") or {}, training.get("elapsed_s")
+    total = 0.0
+    for name, source in recipe.sources.items():
+        manifest = run.packed / name / "manifest.json"
+        if (source.lang or name) == target and read.get(name) and manifest.is_file():
+            packed = read_json(manifest)
+            total += read[name] * packed["bytes"] / max(packed["tokens"], 1)
+    return total / seconds if total and seconds else None
+
+
 def _training_summary(run: RunDir) -> dict:
     marker = run.model / "graft-train.json"
     return read_json(marker) if marker.is_file() else {}
@@ -113,6 +131,8 @@ def _verdict_section(verdict: Verdict | None, training: dict, timings: dict) -> 
     tokens = training.get("tokens")
     elapsed = training.get("elapsed_s")
     speed = f" · {tokens / elapsed:,.0f} tokens/s" if tokens and elapsed else ""
+    if training.get("target_bytes_per_s"):
+        speed += f" · {training['target_bytes_per_s']:,.0f} bytes of {_e(verdict.target)} text/s"
     trained = (f"<p>{tokens:,} tokens in {training.get('step')} steps, {elapsed:,.0f} s of training{speed}; "
                f"{training.get('skipped_steps', 0)} skipped steps.</p>" if tokens else "")
     if timings:

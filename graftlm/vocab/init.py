@@ -79,6 +79,26 @@ def train_only_rows(model: "PreTrainedModel", rows: range) -> list:
     return handles
 
 
+def is_tied(model: "PreTrainedModel") -> bool:
+    head = model.get_output_embeddings()
+    return head is not None and head.weight is model.get_input_embeddings().weight
+
+
+def untie_output_embeddings(model: "PreTrainedModel") -> None:
+    """Give a tied model's output head its own copy of the embedding matrix, and a config that says so
+    (`tie_word_embeddings: false`), so that save_pretrained writes both and plain transformers loads them apart."""
+    import torch
+
+    embed = model.get_input_embeddings()
+    model.get_output_embeddings().weight = torch.nn.Parameter(embed.weight.detach().clone())
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.tie_word_embeddings = False
+    if hasattr(model, "all_tied_weights_keys"):  # transformers 5 keeps the mapping it ties and saves by
+        model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
+    if is_tied(model):
+        raise ValueError(f"{type(model).__name__}: the output head is still tied to the input embeddings")
+
+
 def grow_embeddings(model: "PreTrainedModel", first_new: int, new_tokens: int, pad_to_multiple_of: int = 64,
                     init: str = "") -> VocabRows:
     """Resize the input embeddings and the output head to hold `new_tokens` rows from `first_new` on, padded.
