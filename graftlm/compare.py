@@ -9,8 +9,8 @@ one report that sets them side by side.
 
 Several `--vary` make a grid (every combination of their values); with `--zip` the i-th values of each go
 together (a list of variants; every --vary then needs as many values). Values are split at commas outside
-brackets, each read as YAML like `--set` (`--vary train.freeze.layers=[0,1],[-2,-1]`). A variant that changes a
-data key (base_model, sources, curate, vocab, pack) prepares its own data in its folder; the others link the
+brackets, each read as YAML like `--set` (`--vary train.freeze.layers=[0,1],[-2,-1]`). A variant whose data keys
+(base_model, sources, curate, vocab, pack) resolve differently from the recipe's prepares its own data in its folder; the others link the
 recipe's prepared folders, so nothing is re-packed. Every variant trains for the recipe's budget; a variant already
 trained is skipped like any stage.
 """
@@ -38,15 +38,18 @@ DATA_KEYS = ("base_model", "trust_remote_code", "sources", "curate", "vocab", "p
 SHARED_FOLDERS = ("base", "curated", "vocab", "packed")
 
 
+def same_data(a: Recipe, b: Recipe) -> bool:
+    """Whether two recipes prepare the same data: their data keys resolve to the same values (a variant that sets
+    `vocab` to what the recipe has already shares the recipe's data)."""
+    dump_a, dump_b = a.model_dump(mode="json"), b.model_dump(mode="json")
+    return all(dump_a.get(key) == dump_b.get(key) for key in DATA_KEYS)
+
+
 @dataclass(frozen=True)
 class Variant:
     name: str
     overrides: tuple[str, ...]
 
-    @property
-    def changes_data(self) -> bool:
-        keys = [o.partition("=")[0].strip() for o in self.overrides]
-        return any(key == k or key.startswith(k + ".") for key in keys for k in DATA_KEYS)
 
 
 def parse_vary(option: str) -> tuple[str, list[str]]:
@@ -107,13 +110,13 @@ def run_compare(recipe_path: Path | None, overrides: list[str], varies: list[str
     variants = make_variants(varies, zip_values)
     loaded = [(v, load_recipe(recipe_path, [*overrides, *v.overrides, f"name={recipe.name}-{v.name}"]))
               for v in variants]  # every variant's recipe is checked before any work
-    if any(not v.changes_data for v in variants):
+    if any(same_data(recipe, variant_recipe) for _, variant_recipe in loaded):
         run_stages(recipe, parent, PREPARE_STAGES)
     runs: dict[str, tuple[Variant, Recipe, RunDir]] = {}
     for i, (variant, variant_recipe) in enumerate(loaded):
         log(f"compare: variant {i + 1}/{len(variants)}: {variant.name} ({' '.join(variant.overrides)})")
         run = RunDir(parent.root / "compare" / variant.name, extended_vocab=variant_recipe.vocab is not None)
-        if variant.changes_data:
+        if not same_data(recipe, variant_recipe):
             run_stages(variant_recipe, run, tuple(STAGES))
         else:
             _link_prepared(parent, run)

@@ -103,6 +103,16 @@ def test_graft_compare_shares_the_data_and_writes_one_report(recipe_path, monkey
     assert "Pareto" in page and "method-lora" in page and page.count("<img src='data:image/png;base64,") >= 2
 
 
+def test_a_variant_shares_the_data_when_its_data_keys_resolve_alike(recipe_path):
+    from graftlm.compare import same_data
+
+    recipe = load_recipe(recipe_path, ["vocab={new_tokens: 8}"])
+    assert same_data(recipe, load_recipe(recipe_path, ["vocab={new_tokens: 8}", "train.lr=1e-3"]))
+    assert same_data(recipe, load_recipe(recipe_path, ["vocab.new_tokens=8"]))  # spelled otherwise, same value
+    assert not same_data(recipe, load_recipe(recipe_path, ["vocab.new_tokens=16"]))
+    assert not same_data(recipe, load_recipe(recipe_path, ["vocab=null"]))
+
+
 def test_compare_names_and_grids():
     from graftlm.compare import make_variants, parse_vary, pareto_front
 
@@ -113,5 +123,4 @@ def test_compare_names_and_grids():
     zipped = make_variants(["train.method=full,lora", "train.lr=1e-4,1e-3"], zip_values=True)
     assert [v.overrides for v in zipped] == [("train.method=full", "train.lr=1e-4"),
                                              ("train.method=lora", "train.lr=1e-3")]
-    assert not zipped[0].changes_data and make_variants(["vocab.new_tokens=8,16"])[0].changes_data
     assert pareto_front({"a": (0.1, -0.5), "b": (0.0, -0.3), "c": (0.2, -0.4), "d": (0.0, -0.3)}) == {"a", "b", "d"}

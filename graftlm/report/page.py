@@ -178,8 +178,9 @@ def _vocabulary(stats: dict) -> str:
              f"{f['before']['tokens_per_byte']:.4f}", f"{f['after']['tokens_per_byte']:.4f}",
              f"{f['identical_documents']:.1%}") for lang, f in stats["fertility"].items()]
     page = (f"<h3>Vocabulary extension</h3><p>{stats['new_tokens']:,} new tokens learned from "
-            f"'{_e(stats['source'])}' ({stats['family']}), new rows initialised by {_e(stats['init'])}; "
-            f"examples: {_e(' '.join(stats['examples'][:20]))}</p>"
+            f"'{_e(stats['source'])}' ({stats['family']}), new rows initialised by {_e(stats['init'])}"
+            + (f", output rows untied (new ones: {_e(stats['output_init'])})" if stats.get("untied") else "")
+            + f"; examples: {_e(' '.join(stats['examples'][:20]))}</p>"
             + html_table(("language", "tokens/word before", "after", "tokens/byte before", "after",
                       "documents tokenised as before"), rows, text_columns=1))
     step0 = stats.get("bpb_before_training") or {}

@@ -26,6 +26,17 @@ class VocabConfig(Section):
     """New embedding rows: `mean` of all base rows; `subword-mean` of the rows of the base tokens the new token
     used to be split into (FVT); `weighted`, a similarity-weighted combination of base rows (FOCUS-like, see
     graftlm/vocab/init.py); `random`, drawn as the architecture initialises a fresh row (the baseline)."""
+    untie: bool = False
+    """Give the new tokens output rows of their own: a model whose output head is its input embeddings (tied, like
+    SmolLM2) gets a separate head, saved with `tie_word_embeddings: false` (plain transformers loads it), whose new
+    rows start by `output_init` while the input rows start by `init`; the two then train apart. The base rows of
+    both start equal, so the base model's outputs are unchanged. Costs one more embedding-sized matrix of weights
+    (and of optimizer state), not compute."""
+    output_init: Literal["input", "first-piece"] = "first-piece"
+    """With `untie`: the new output rows. `input`: as the input rows; `first-piece`: the output row of the first
+    base token the new token used to start with, plus the log of the token's share of that piece's occurrences
+    in the target text along the mean direction of the base's final hidden states (an offset of the logit: see
+    graftlm/vocab/init.py), so that at step 0 a new token takes about the probability the base gave to reading it."""
     ascii_tokens: bool = False
     """Also add tokens made only of ASCII letters (Vietnamese `trong`, `khi`; but also English words and names
     the target text shares). Off: English, code and numbers keep exactly the base's token ids."""

@@ -140,6 +140,66 @@ def initialise_rows(model: "PreTrainedModel", rows: VocabRows, init: str, base_p
             weight[rows.new_rows.start:rows.new_rows.stop] = new.to(weight.dtype)
 
 
+def initialise_output_rows(model: "PreTrainedModel", rows: VocabRows, output_init: str,
+                           base_pieces: Sequence[Sequence[int]], shares: "torch.Tensor | None" = None,
+                           direction: "torch.Tensor | None" = None) -> None:
+    """The new rows of an untied output head (see `VocabConfig.output_init`); `input` leaves what
+    `initialise_rows` wrote. `first-piece`: token t, which the base read as pieces p1 p2 ..., gets the row of p1
+    plus log(shares[t]) times `direction`. Its logit is then p1's plus log(share) × (h · direction): with the mean
+    final hidden state's direction scaled so that h · direction is about 1 (`mean_direction`), about
+    log P(p1) + log(share), the probability the base gave to p1 times t's share of what p1 begins in the target
+    text, instead of p1's whole probability for each of the many new tokens that start with p1."""
+    import torch
+
+    if output_init == "input":
+        return
+    if output_init != "first-piece" or shares is None or direction is None:
+        raise ValueError(f"unknown output init {output_init!r}, or no shares and direction for 'first-piece'")
+    head = model.get_output_embeddings().weight
+    with torch.no_grad():
+        base = head[:rows.first_new].float()
+        first = torch.tensor([p[0] if p else 0 for p in base_pieces])
+        new = base[first] + torch.log(shares.float())[:, None] * direction.float()
+        unknown = [i for i, p in enumerate(base_pieces) if not p]  # a byte the base lacked: as padding, the mean
+        new[unknown] = base.mean(0)
+        head[rows.new_rows.start:rows.new_rows.stop] = new.to(head.dtype)
+
+
+def piece_shares(documents: Sequence[Sequence[int]], rows: VocabRows,
+                 base_pieces: Sequence[Sequence[int]]) -> "torch.Tensor":
+    """For each new token t, its share of the occurrences, in `documents` (target text in the extended ids), of the
+    tokens that begin with the same base piece p1 (p1 itself included): how the probability of p1 splits."""
+    import torch
+
+    counts = torch.zeros(rows.rows, dtype=torch.float64)
+    for ids in documents:
+        counts += torch.bincount(torch.as_tensor(ids, dtype=torch.long), minlength=rows.rows)[:rows.rows]
+    first = torch.arange(rows.rows)
+    first[rows.new_rows.start:rows.new_rows.stop] = torch.tensor([p[0] if p else -1 for p in base_pieces])
+    known = first >= 0
+    by_piece = torch.zeros(rows.rows, dtype=torch.float64).index_add_(0, first[known], counts[known])
+    new = range(rows.new_rows.start, rows.new_rows.stop)
+    return ((counts[new.start:new.stop] + 0.5) / (by_piece[first[new.start:new.stop].clamp(min=0)] + 1.0)).float()
+
+
+def mean_direction(model: "PreTrainedModel", documents: Sequence[Sequence[int]], start_id: int,
+                   max_tokens: int = 4096, seq_len: int = 256) -> "torch.Tensor":
+    """The mean of the model's final hidden states (the head's input) over the first `max_tokens` of
+    `documents`, divided by its squared norm: h · direction is then 1 on average (a stand-in for a bias)."""
+    import torch
+
+    flat = [i for ids in documents for i in [start_id, *ids]][:max_tokens]
+    batch = [flat[i:i + seq_len] for i in range(0, len(flat), seq_len)]
+    total, count = None, 0
+    with torch.no_grad():
+        for ids in batch:
+            hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0].float()
+            total = hidden.sum(0) if total is None else total + hidden.sum(0)
+            count += hidden.shape[0]
+    mean = total / count
+    return mean / mean.norm() ** 2
+
+
 def subword_mean(base: "torch.Tensor", pieces: Sequence[Sequence[int]]) -> "torch.Tensor":
     """FVT: each new token's row is the mean of the rows of the base tokens the base tokenizer split it into (the
     mean of all rows for a token the base could not represent at all, such as a byte missing from its alphabet)."""

@@ -24,7 +24,8 @@ from graftlm.recipe import Recipe
 from graftlm.runs import RunDir, atomic_dir, file_signature, fingerprint, read_json, write_json_atomic
 from graftlm.vocab.config import VocabConfig, target_source
 from graftlm.vocab.extend import Extension, extend_tokenizer, tokenizer_family, train_target_tokenizer
-from graftlm.vocab.init import INITS, VOCAB_ROWS_FILE, grow_embeddings, initialise_rows, similar_tokens
+from graftlm.vocab.init import (INITS, VOCAB_ROWS_FILE, grow_embeddings, initialise_output_rows, initialise_rows,
+                                is_tied, mean_direction, piece_shares, similar_tokens, untie_output_embeddings)
 
 VOCAB_FORMAT = 1
 TRAIN_VOCAB_PER_NEW_TOKEN = 6
@@ -60,7 +61,8 @@ def run_vocab(recipe: Recipe, run: RunDir) -> dict:
     sample: list[str] = []
     compare = config.compare_inits and bool(recipe.eval.text)
     needs_similar = config.init == "weighted" or compare
-    texts = _training_text(source, name, files, config.train_bytes, read, sample if needs_similar else None)
+    needs_sample = needs_similar or (config.untie and config.output_init == "first-piece")
+    texts = _training_text(source, name, files, config.train_bytes, read, sample if needs_sample else None)
     train_vocab = config.new_tokens * TRAIN_VOCAB_PER_NEW_TOKEN + 1000
     trained = train_target_tokenizer(texts, base_json, train_vocab, config.min_frequency)
     if read.documents == 0:
@@ -96,13 +98,17 @@ def run_vocab(recipe: Recipe, run: RunDir) -> dict:
             log(f"vocab: before training, init {init}: " + ", ".join(f"{k} {v:.3f}" for k, v in step0[init].items())
                 + " bits/byte")
         initialise_rows(model, rows, config.init, extension.base_pieces, similar, config.seed)
+        if config.untie:
+            untie_rows(model, base_tokenizer, tokenizer, rows, config, extension.base_pieces, sample)
+            if compare:
+                step0[f"{config.init}, untied output {config.output_init}"] = _text_bpb(extended_eval, model)
         save_model(model, tokenizer, tmp / "model", extra_files={VOCAB_ROWS_FILE: rows.to_json()})
         _write_jsonl(tmp / "new_tokens.jsonl", _describe_tokens(extension, tokenizer))
         stats = {
             "source": name, "family": family, "trained_on": {"documents": read.documents, "bytes": read.bytes},
             "train_vocab_size": train_vocab, "requested": config.new_tokens, "new_tokens": len(extension.tokens),
             "first_new_id": rows.first_new, "vocab_size": len(tokenizer), "embedding_rows": rows.rows,
-            "init": config.init,
+            "init": config.init, "untied": config.untie, "output_init": config.output_init if config.untie else None,
             **({"weighted": {"from_similar_tokens": similar.covered,
                              "from_subword_mean": len(extension.tokens) - similar.covered}} if similar else {}),
             "examples": [text for text in map(tokenizer.decode, ([i] for i in rows.new_rows))
@@ -118,6 +124,21 @@ def run_vocab(recipe: Recipe, run: RunDir) -> dict:
             f"tokens per word, {change['identical_documents']:.0%} of documents tokenised as before")
     log(f"vocab: wrote {run.vocab / 'model'} ({rows.rows:,} embedding rows, init {config.init})")
     return stats
+
+
+def untie_rows(model, base_tokenizer, tokenizer, rows, config: VocabConfig, base_pieces, sample: list[str]) -> None:
+    """`vocab.untie`: a head of its own (when tied), its new rows started by `vocab.output_init`."""
+    from graftlm.evaluate.scoring import start_token_id
+
+    if is_tied(model):
+        untie_output_embeddings(model)
+    shares = direction = None
+    if config.output_init == "first-piece":
+        encode = lambda t: [e.ids for e in t.backend_tokenizer.encode_batch(sample, add_special_tokens=False)]
+        shares = piece_shares(encode(tokenizer), rows, base_pieces)
+        direction = mean_direction(model, encode(base_tokenizer), start_token_id(base_tokenizer))
+    initialise_output_rows(model, rows, config.output_init, base_pieces, shares, direction)
+    log(f"vocab: untied output rows, new ones started by {config.output_init}")
 
 
 def _text_evaluator(recipe: Recipe, tokenizer):
