@@ -380,7 +380,7 @@ base_model: {tiny_model_dir}
 sources:
   vi: {{paths: [{DATA}/vi/viwiki.jsonl], lang: vi, max_documents: 40}}
   en: {{paths: [{DATA}/en/gutenberg.jsonl], lang: en}}
-vocab: {{new_tokens: 300, untie: true}}
+vocab: {{new_tokens: 300, untie: true, output_init: mean}}
 eval:
   text: {{vi: {VI_EVAL}, en: {EN_EVAL}}}
   max_documents: 10
@@ -389,7 +389,7 @@ eval:
     assert code == 0, err
     run = RunDir(tmp_path / "runs/tiny")
     stats = json.loads((run.vocab / "stats.json").read_text())
-    assert stats["untied"] and stats["output_init"] == "first-piece"
+    assert stats["untied"] and stats["output_init"] == "mean"
     model = AutoModelForCausalLM.from_pretrained(run.start_model)
     assert model.config.tie_word_embeddings is False
     embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
@@ -399,7 +399,7 @@ eval:
     evaluator = Evaluator.from_config(load_recipe(recipe).eval.model_copy(update={"choice": {}}),
                                       AutoTokenizer.from_pretrained(run.start_model))
     scored = {name: round(r["bpb"], 4) for name, r in evaluator(model)["text"].items()}
-    assert scored == stats["bpb_before_training"]["subword-mean, untied output first-piece"]
+    assert scored == stats["bpb_before_training"]["subword-mean, untied output mean"]
     assert scored != stats["bpb_before_training"]["subword-mean"]  # the tied start, scored before untying
 
 
@@ -430,13 +430,12 @@ def test_untie_gives_the_head_its_own_rows_and_plain_transformers_loads_it(tmp_p
     initialise_rows(model, rows, "subword-mean", PIECES)
     emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     assert torch.equal(emb, head)  # both start as the same rows ...
-    shares = torch.linspace(0.01, 1.0, 30)
-    direction = torch.randn(16)
-    initialise_output_rows(model, rows, "first-piece", PIECES, shares, direction)
-    first = torch.tensor([p[0] for p in PIECES])
+    initialise_output_rows(model, rows, "first-piece", PIECES)
     # ... then the new output rows start apart, and the new input rows stay the subword means
-    assert torch.allclose(head[300:330], emb[first] + torch.log(shares)[:, None] * direction)
+    assert torch.equal(head[300:330], emb[torch.tensor([p[0] for p in PIECES])])
     assert torch.equal(emb[300:330], torch.stack([emb[p].mean(0) for p in PIECES]))
+    initialise_output_rows(model, rows, "mean", PIECES)
+    assert torch.allclose(head[300:330], emb[:300].mean(0).expand(30, -1))
     assert torch.equal(head[:300], emb[:300])
     with torch.no_grad():
         assert torch.allclose(model(input_ids=tokens).logits[..., :300], before, atol=1e-5)  # base rows: unchanged

@@ -32,11 +32,13 @@ class VocabConfig(Section):
     rows start by `output_init` while the input rows start by `init`; the two then train apart. The base rows of
     both start equal, so the base model's outputs are unchanged. Costs one more embedding-sized matrix of weights
     (and of optimizer state), not compute."""
-    output_init: Literal["input", "first-piece"] = "first-piece"
-    """With `untie`: the new output rows. `input`: as the input rows; `first-piece`: the output row of the first
-    base token the new token used to start with, plus the log of the token's share of that piece's occurrences
-    in the target text along the mean direction of the base's final hidden states (an offset of the logit: see
-    graftlm/vocab/init.py), so that at step 0 a new token takes about the probability the base gave to reading it."""
+    output_init: Literal["input", "mean", "first-piece"] = "input"
+    """With `untie`, the new output rows: `input`, by the rule of `init` (the same start as tied, then trained
+    apart); `mean`, the mean of the base's output rows: the new tokens start with about the average logit, taking
+    almost no probability, so the base's distribution on text without them (English) is kept, at the cost of the
+    target text at step 0; `first-piece`, the output row of the first base token the new token used to start with
+    (its logit is that piece's: better on the target text at step 0, worse on English, where every new token that
+    starts with an English piece competes with it). Measured on SmolLM2 + 8k Vietnamese tokens: README.md."""
     ascii_tokens: bool = False
     """Also add tokens made only of ASCII letters (Vietnamese `trong`, `khi`; but also English words and names
     the target text shares). Off: English, code and numbers keep exactly the base's token ids."""

@@ -3,7 +3,9 @@
 Rows below `first_new` are the base's and are never touched. The new tokens' rows follow, then padding rows up to a
 multiple of `pad_to_multiple_of`; no token produces a padding row, and padding rows get the mean of the base rows
 (what transformers' mean resizing does), whatever `init` says, so that they take almost no probability. A tied
-model has one matrix for both; an untied head is initialised by the same rule from its own rows.
+model has one matrix for both; an untied head is initialised by the same rule from its own rows. `vocab.untie`
+gives a tied model a head of its own (`untie_output_embeddings`), whose new rows can then start by another rule
+(`initialise_output_rows`).
 
 `VocabRows` is what the training stage asks about an extended model (`vocab_rows(folder)`): which rows are new, so
 that it can train the embeddings first, or only the new rows (`train_only_rows`).
@@ -141,63 +143,27 @@ def initialise_rows(model: "PreTrainedModel", rows: VocabRows, init: str, base_p
 
 
 def initialise_output_rows(model: "PreTrainedModel", rows: VocabRows, output_init: str,
-                           base_pieces: Sequence[Sequence[int]], shares: "torch.Tensor | None" = None,
-                           direction: "torch.Tensor | None" = None) -> None:
-    """The new rows of an untied output head (see `VocabConfig.output_init`); `input` leaves what
-    `initialise_rows` wrote. `first-piece`: token t, which the base read as pieces p1 p2 ..., gets the row of p1
-    plus log(shares[t]) times `direction`. Its logit is then p1's plus log(share) × (h · direction): with the mean
-    final hidden state's direction scaled so that h · direction is about 1 (`mean_direction`), about
-    log P(p1) + log(share), the probability the base gave to p1 times t's share of what p1 begins in the target
-    text, instead of p1's whole probability for each of the many new tokens that start with p1."""
+                           base_pieces: Sequence[Sequence[int]]) -> None:
+    """The new rows of an untied output head (see `VocabConfig.output_init`): `input` leaves what
+    `initialise_rows` wrote (the input rule, applied to the head's own rows); `mean`, the mean of the head's base
+    rows, whose logit is the average one, so that the new tokens take almost no probability and the base's
+    next-token distribution on text without them is kept; `first-piece`, the row of the first base token the new
+    token used to start with, whose logit is that piece's."""
     import torch
 
     if output_init == "input":
         return
-    if output_init != "first-piece" or shares is None or direction is None:
-        raise ValueError(f"unknown output init {output_init!r}, or no shares and direction for 'first-piece'")
     head = model.get_output_embeddings().weight
     with torch.no_grad():
         base = head[:rows.first_new].float()
-        first = torch.tensor([p[0] if p else 0 for p in base_pieces])
-        new = base[first] + torch.log(shares.float())[:, None] * direction.float()
-        unknown = [i for i, p in enumerate(base_pieces) if not p]  # a byte the base lacked: as padding, the mean
-        new[unknown] = base.mean(0)
+        if output_init == "mean":
+            new = base.mean(0).expand(rows.new_tokens, -1)
+        elif output_init == "first-piece":
+            new = base[torch.tensor([p[0] if p else 0 for p in base_pieces])]
+            new[[i for i, p in enumerate(base_pieces) if not p]] = base.mean(0)  # a byte the base lacked
+        else:
+            raise ValueError(f"unknown output init {output_init!r}")
         head[rows.new_rows.start:rows.new_rows.stop] = new.to(head.dtype)
-
-
-def piece_shares(documents: Sequence[Sequence[int]], rows: VocabRows,
-                 base_pieces: Sequence[Sequence[int]]) -> "torch.Tensor":
-    """For each new token t, its share of the occurrences, in `documents` (target text in the extended ids), of the
-    tokens that begin with the same base piece p1 (p1 itself included): how the probability of p1 splits."""
-    import torch
-
-    counts = torch.zeros(rows.rows, dtype=torch.float64)
-    for ids in documents:
-        counts += torch.bincount(torch.as_tensor(ids, dtype=torch.long), minlength=rows.rows)[:rows.rows]
-    first = torch.arange(rows.rows)
-    first[rows.new_rows.start:rows.new_rows.stop] = torch.tensor([p[0] if p else -1 for p in base_pieces])
-    known = first >= 0
-    by_piece = torch.zeros(rows.rows, dtype=torch.float64).index_add_(0, first[known], counts[known])
-    new = range(rows.new_rows.start, rows.new_rows.stop)
-    return ((counts[new.start:new.stop] + 0.5) / (by_piece[first[new.start:new.stop].clamp(min=0)] + 1.0)).float()
-
-
-def mean_direction(model: "PreTrainedModel", documents: Sequence[Sequence[int]], start_id: int,
-                   max_tokens: int = 4096, seq_len: int = 256) -> "torch.Tensor":
-    """The mean of the model's final hidden states (the head's input) over the first `max_tokens` of
-    `documents`, divided by its squared norm: h · direction is then 1 on average (a stand-in for a bias)."""
-    import torch
-
-    flat = [i for ids in documents for i in [start_id, *ids]][:max_tokens]
-    batch = [flat[i:i + seq_len] for i in range(0, len(flat), seq_len)]
-    total, count = None, 0
-    with torch.no_grad():
-        for ids in batch:
-            hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0].float()
-            total = hidden.sum(0) if total is None else total + hidden.sum(0)
-            count += hidden.shape[0]
-    mean = total / count
-    return mean / mean.norm() ** 2
 
 
 def subword_mean(base: "torch.Tensor", pieces: Sequence[Sequence[int]]) -> "torch.Tensor":

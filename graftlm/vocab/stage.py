@@ -25,7 +25,7 @@ from graftlm.runs import RunDir, atomic_dir, file_signature, fingerprint, read_j
 from graftlm.vocab.config import VocabConfig, target_source
 from graftlm.vocab.extend import Extension, extend_tokenizer, tokenizer_family, train_target_tokenizer
 from graftlm.vocab.init import (INITS, VOCAB_ROWS_FILE, grow_embeddings, initialise_output_rows, initialise_rows,
-                                is_tied, mean_direction, piece_shares, similar_tokens, untie_output_embeddings)
+                                is_tied, similar_tokens, untie_output_embeddings)
 
 VOCAB_FORMAT = 1
 TRAIN_VOCAB_PER_NEW_TOKEN = 6
@@ -61,8 +61,7 @@ def run_vocab(recipe: Recipe, run: RunDir) -> dict:
     sample: list[str] = []
     compare = config.compare_inits and bool(recipe.eval.text)
     needs_similar = config.init == "weighted" or compare
-    needs_sample = needs_similar or (config.untie and config.output_init == "first-piece")
-    texts = _training_text(source, name, files, config.train_bytes, read, sample if needs_sample else None)
+    texts = _training_text(source, name, files, config.train_bytes, read, sample if needs_similar else None)
     train_vocab = config.new_tokens * TRAIN_VOCAB_PER_NEW_TOKEN + 1000
     trained = train_target_tokenizer(texts, base_json, train_vocab, config.min_frequency)
     if read.documents == 0:
@@ -99,7 +98,9 @@ def run_vocab(recipe: Recipe, run: RunDir) -> dict:
                 + " bits/byte")
         initialise_rows(model, rows, config.init, extension.base_pieces, similar, config.seed)
         if config.untie:
-            untie_rows(model, base_tokenizer, tokenizer, rows, config, extension.base_pieces, sample)
+            if is_tied(model):
+                untie_output_embeddings(model)
+            initialise_output_rows(model, rows, config.output_init, extension.base_pieces)
             if compare:
                 step0[f"{config.init}, untied output {config.output_init}"] = _text_bpb(extended_eval, model)
         save_model(model, tokenizer, tmp / "model", extra_files={VOCAB_ROWS_FILE: rows.to_json()})
@@ -124,21 +125,6 @@ def run_vocab(recipe: Recipe, run: RunDir) -> dict:
             f"tokens per word, {change['identical_documents']:.0%} of documents tokenised as before")
     log(f"vocab: wrote {run.vocab / 'model'} ({rows.rows:,} embedding rows, init {config.init})")
     return stats
-
-
-def untie_rows(model, base_tokenizer, tokenizer, rows, config: VocabConfig, base_pieces, sample: list[str]) -> None:
-    """`vocab.untie`: a head of its own (when tied), its new rows started by `vocab.output_init`."""
-    from graftlm.evaluate.scoring import start_token_id
-
-    if is_tied(model):
-        untie_output_embeddings(model)
-    shares = direction = None
-    if config.output_init == "first-piece":
-        encode = lambda t: [e.ids for e in t.backend_tokenizer.encode_batch(sample, add_special_tokens=False)]
-        shares = piece_shares(encode(tokenizer), rows, base_pieces)
-        direction = mean_direction(model, encode(base_tokenizer), start_token_id(base_tokenizer))
-    initialise_output_rows(model, rows, config.output_init, base_pieces, shares, direction)
-    log(f"vocab: untied output rows, new ones started by {config.output_init}")
 
 
 def _text_evaluator(recipe: Recipe, tokenizer):
