@@ -96,11 +96,13 @@ def test_graft_compare_shares_the_data_and_writes_one_report(recipe_path, monkey
     assert summary["method-lora"]["overrides"] == ["train.method=lora"]
     full = summary["method-full"]
     assert {"target_bpb", "source_bpb", "target_delta_bpb", "source_delta_bpb", "pareto"} <= set(full)
+    assert full["target_bytes_per_s"] > 0  # bytes of target text a second, beside tokens/s
     target = [c for c in full["changes"].values() if c["role"] == "target" and c["kind"] == "text"]
     assert full["target_bpb"] == pytest.approx(sum(c["final"] for c in target) / len(target))
     assert any(entry["pareto"] for entry in summary.values())
     page = (folder / "report.html").read_text()
     assert "Pareto" in page and "method-lora" in page and page.count("<img src='data:image/png;base64,") >= 2
+    assert "target bytes/s" in page
 
 
 def test_a_variant_shares_the_data_when_its_data_keys_resolve_alike(recipe_path):
