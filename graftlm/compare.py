@@ -10,9 +10,9 @@ one report that sets them side by side.
 Several `--vary` make a grid (every combination of their values); with `--zip` the i-th values of each go
 together (a list of variants; every --vary then needs as many values). Values are split at commas outside
 brackets, each read as YAML like `--set` (`--vary train.freeze.layers=[0,1],[-2,-1]`). A variant whose data keys
-(base_model, sources, curate, vocab, pack) resolve differently from the recipe's prepares its own data in its folder; the others link the
-recipe's prepared folders, so nothing is re-packed. Every variant trains for the recipe's budget; a variant already
-trained is skipped like any stage.
+(base_model, sources, curate, vocab, pack) resolve differently from the recipe's prepares its own data in its
+folder; the others link the recipe's prepared folders, so nothing is re-packed. Every variant trains for the
+recipe's budget; a variant already trained is skipped like any stage.
 """
 
 from __future__ import annotations
