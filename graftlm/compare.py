@@ -51,7 +51,6 @@ class Variant:
     overrides: tuple[str, ...]
 
 
-
 def parse_vary(option: str) -> tuple[str, list[str]]:
     """`train.method=full,lora` -> ("train.method", ["full", "lora"])."""
     key, sep, raw = option.partition("=")
