@@ -55,6 +55,7 @@ def build_report(recipe: Recipe, run: RunDir) -> Verdict | None:
     figures = [plots.loss_and_lr(metrics), plots.eval_curves(metrics, "text", target, {}),
                plots.eval_curves(metrics, "choice", target, langs), plots.tokens_by_source(metrics)]
     training = run.training_summary()
+    training["target_bytes_per_s"] = target_bytes_per_s(recipe, run, training)
     sections = [
         f"<h1>graftlm run: {_e(recipe.name)}</h1>",
         f"<p class='muted'>base model {_e(recipe.base_model)} · {_e(str(run.root))}</p>",
@@ -97,7 +98,9 @@ def model_card(recipe: Recipe, verdict: Verdict | None, training: dict) -> str:
     lines += ["", "## Training", "",
               f"{training.get('step', '?')} steps, {training.get('tokens', 0):,} tokens "
               f"({recipe.train.seq_len}-token sequences, peak lr {recipe.train.lr:g}, "
-              f"{recipe.train.schedule.name} schedule), {training.get('elapsed_s', 0):.0f} s of training.", ""]
+              f"{recipe.train.schedule.name} schedule), {training.get('elapsed_s', 0):.0f} s of training"
+              + (f" ({training['target_bytes_per_s']:,.0f} bytes of {recipe.target_language} text a second)"
+                 if training.get("target_bytes_per_s") else "") + ".", ""]
     if verdict:
         lines += ["## Evaluation: gained and lost", "",
                   f"Base model (step {verdict.base_step}) against this model (step {verdict.final_step}). "
@@ -111,12 +114,29 @@ def model_card(recipe: Recipe, verdict: Verdict | None, training: dict) -> str:
     return "\n".join(lines)
 
 
+def target_bytes_per_s(recipe: Recipe, run: RunDir, training: dict) -> float | None:
+    """Training throughput in UTF-8 bytes of target-language text per second: the tokens read from each source of
+    the target language, times that packed source's bytes per token (its manifest), over the seconds of training.
+    Unlike tokens per second it does not flatter a tokenizer that cuts the text finer, so a vocabulary extension's
+    gain in speed shows. None when the run has not trained or has no target source."""
+    read, seconds = training.get("tokens_by_source") or {}, training.get("elapsed_s")
+    total = 0.0
+    for name in recipe.target_sources():
+        manifest = run.packed / name / "manifest.json"
+        if read.get(name) and manifest.is_file():
+            packed = read_json(manifest)
+            total += read[name] * packed["bytes"] / max(packed["tokens"], 1)
+    return total / seconds if total and seconds else None
+
+
 def _verdict_section(verdict: Verdict | None, training: dict, timings: dict, metrics: list[dict]) -> str:
     if verdict is None:
         return "<h2>Verdict</h2><p>Not evaluated yet: the verdict needs the base and a trained evaluation.</p>"
     tokens = training.get("tokens")
     elapsed = training.get("elapsed_s")
     speed = f" · {tokens / elapsed:,.0f} tokens/s" if tokens and elapsed else ""
+    if training.get("target_bytes_per_s"):
+        speed += f" · {training['target_bytes_per_s']:,.0f} bytes of {_e(verdict.target)} text/s"
     trained = (f"<p>{tokens:,} tokens in {training.get('step')} steps, {elapsed:,.0f} s of training{speed}; "
                f"{training.get('skipped_steps', 0)} skipped steps.</p>" if tokens else "")
     trained += _utilisation(metrics)
@@ -299,9 +319,10 @@ def _vocabulary(stats: dict) -> str:
                  f"{stats['skipped'].get('changes_replay', 0):,} candidates skipped, "
                  f"{replay['changed_share']:.3%} of its words tokenised differently."
                  if replay.get("words") else "")
+    untied = f" Output rows untied (new ones: {_e(stats['output_init'])})." if stats.get("untied") else ""
     page = (f"<h3>Vocabulary extension</h3><p>{stats['new_tokens']:,} new tokens (of {stats['requested']:,} asked "
             f"for) learned from '{_e(stats['source'])}' ({stats['family']}), new rows initialised by "
-            f"{_e(stats['init'])}.{protected} Examples: {_e(' '.join(stats['examples'][:20]))}</p>"
+            f"{_e(stats['init'])}.{untied}{protected} Examples: {_e(' '.join(stats['examples'][:20]))}</p>"
             + html_table(("language", "fertility", "before", "after", "tokens/byte before", "after",
                           "documents tokenised as before"), rows, text_columns=2))
     step0 = stats.get("bpb_before_training") or {}
