@@ -5,13 +5,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import kill_training_mid_run, write_tiny_recipe
+from conftest import kill_training_mid_run, train, write_tiny_recipe
 from graftlm.errors import RecipeError
 from graftlm.pipeline import run_stages
 from graftlm.recipe import load_recipe
 from graftlm.runs import RunDir
 from graftlm.train.checkpoint import load_training_state
-from graftlm.train.loop import train
 from graftlm.train.methods import Method, apply_lr, scale_row_updates
 from graftlm.vocab.init import VOCAB_ROWS_FILE, VocabRows
 

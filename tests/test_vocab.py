@@ -416,6 +416,7 @@ sources:
   vi: {{paths: [{DATA}/vi/viwiki.jsonl], lang: vi, max_documents: 40}}
   en: {{paths: [{DATA}/en/gutenberg.jsonl], lang: en}}
 vocab: {{new_tokens: 300, untie: true, output_init: mean}}
+train: {{seq_len: 32, batch_tokens: 64}}
 eval:
   text: {{vi: {VI_EVAL}, en: {EN_EVAL}}}
   max_documents: 10
