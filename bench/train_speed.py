@@ -1,17 +1,30 @@
 """Training throughput and peak memory: graftlm's loop against the Hugging Face Trainer, same model, data and batch.
 
-    .venv/bin/python bench/train_speed.py [--steps 4] [--batch-tokens 8192] [--micro-batch 2]
+    .venv/bin/python bench/train_speed.py [--steps 4] [--batch-tokens 8192] [--micro-batch 2] [--seq-len 512]
+        [--rounds 1] [--device cpu|cuda] [--set train.KEY=VALUE ...] [--variant NAME:train.KEY=VALUE,... ...]
 
-Full continued pre-training of SmolLM2-135M at seq 512 under bf16 on the CPU. Each contender runs in its own
-process (so peak RSS is its own); tokens/s is measured over the steps after the first (warm-up). Prints both, the
-ratio, and the ceiling of this machine (6·N FLOP per token at the measured bf16 matmul rate).
-Targets: graftlm >= 1.5x the Trainer; graftlm peak RSS < 6 GiB.
+Full continued pre-training of SmolLM2-135M under bf16 autocast. Each contender runs in its own process (so peak
+RSS is its own), through the real code path: graftlm's `train()` on the bundled demo recipe (plus `--set`
+overrides), the Trainer with fused AdamW on the same packed sequences. A `--variant` is graftlm with more
+overrides (e.g. `--variant compile:train.compile=true`), to measure one speed-up's own gain in the same run.
+tokens/s is measured over the steps after the first (the first step, compilation included, is shown apart).
+`--rounds N` repeats every contender N times, interleaved, so that a busy machine disturbs them alike; the ratio is
+taken round by round.
+
+The ceiling is what this machine could reach if every FLOP ran at its bf16 matmul rate: (6·N + attention) FLOP per
+token, N the parameters that take part in matrix products (the input embedding only when it is the tied output
+layer), attention 6·layers·seq·(heads·head_dim) (QKᵀ and AV, forward and backward, causal: half the square). The
+rate is measured in each contender's process, before and after its steps, on the model's own MLP shape and on a
+square product (the better of the two).
+Targets (CPU): graftlm >= 1.5x the Trainer, >= 70 % of the ceiling, peak RSS < 6 GiB.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -19,11 +32,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SEQ_LEN = 512
 
 
 def prepare(workdir: Path) -> Path:
-    """Export the base and pack the demo's Vietnamese text once; both contenders read the same sequences."""
+    """Export the base and pack the demo's Vietnamese text once; every contender reads the same sequences."""
     from graftlm.pipeline import run_stages
     from graftlm.recipe import load_recipe
     from graftlm.runs import RunDir
@@ -34,105 +46,206 @@ def prepare(workdir: Path) -> Path:
     return run.root
 
 
-def sequences(run_root: Path, count: int):
+def sequences(run_root: Path, count: int, seq_len: int):
     import numpy as np
 
     from graftlm.data.mix import MixtureSampler
     from graftlm.data.pack import PackedSource
 
-    sampler = MixtureSampler({"vi": PackedSource.open(run_root / "packed/vi")}, {"vi": 1.0}, SEQ_LEN, seed=0)
+    sampler = MixtureSampler({"vi": PackedSource.open(run_root / "packed/vi")}, {"vi": 1.0}, seq_len, seed=0)
     return np.stack([sampler.next_sequence()[1] for _ in range(count)])
 
 
-def worker_graftlm(run_root: Path, steps: int, batch_tokens: int, micro: int, loss: str = "chunked") -> list[float]:
+def worker_graftlm(run_root: Path, args: dict, overrides: list[str]) -> list[float]:
     from graftlm.recipe import load_recipe
     from graftlm.runs import RunDir
     from graftlm.train.loop import train
 
     recipe = load_recipe(REPO / "recipes/demo-vi.yaml", [
-        "name=bench", "curate=null", "vocab=null", "mixture={vi: 1.0}", f"train.max_steps={steps}",
-        f"train.batch_tokens={batch_tokens}", f"train.micro_batch_size={micro}", "train.checkpoint_every=0",
-        f"train.seq_len={SEQ_LEN}", f"train.loss={loss}", "eval.text={}", "eval.choice={}"])
+        "name=bench", "curate=null", "vocab=null", "mixture={vi: 1.0}", f"train.max_steps={args['steps']}",
+        f"train.batch_tokens={args['batch_tokens']}", f"train.micro_batch_size={args['micro_batch']}",
+        "train.checkpoint_every=0", f"train.seq_len={args['seq_len']}", "eval.text={}", "eval.choice={}",
+        *overrides])
     run = RunDir(run_root)
     train(recipe, run, fresh=True)
     return [r["tokens_per_s"] for r in run.read_metrics() if "loss" in r]
 
 
-def worker_graftlm_standard_loss(run_root: Path, steps: int, batch_tokens: int, micro: int) -> list[float]:
-    return worker_graftlm(run_root, steps, batch_tokens, micro, loss="standard")
-
-
-def worker_trainer(run_root: Path, steps: int, batch_tokens: int, micro: int) -> list[float]:
+def worker_trainer(run_root: Path, args: dict, overrides: list[str]) -> list[float]:
     import torch
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-    per_step = batch_tokens // SEQ_LEN
-    data = sequences(run_root, per_step * steps)
+    seq_len, steps, batch_tokens, micro = args["seq_len"], args["steps"], args["batch_tokens"], args["micro_batch"]
+    per_step = batch_tokens // seq_len
+    data = sequences(run_root, per_step * steps, seq_len)
     dataset = [{"input_ids": torch.from_numpy(row[:-1]), "labels": torch.from_numpy(row[:-1])} for row in data]
     model = AutoModelForCausalLM.from_pretrained(run_root / "base", dtype=torch.float32)
+    cuda = args["device"] == "cuda"
     times: list[float] = []
 
     class StepTimer(TrainerCallback):
-        def on_step_begin(self, *args, **kwargs):
+        def on_step_begin(self, *a, **k):
             times.append(time.perf_counter())
 
-        def on_step_end(self, *args, **kwargs):
+        def on_step_end(self, *a, **k):
+            if cuda:
+                torch.cuda.synchronize()
             times[-1] = batch_tokens / (time.perf_counter() - times[-1])
 
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(output_dir=out, bf16=True, use_cpu=True, per_device_train_batch_size=micro,
-                                 gradient_accumulation_steps=per_step // micro, max_steps=steps, learning_rate=3e-4,
-                                 lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.1, max_grad_norm=1.0,
-                                 optim="adamw_torch_fused", logging_steps=1, save_strategy="no", report_to=[],
-                                 dataloader_num_workers=0, seed=0, disable_tqdm=True)
-        Trainer(model=model, args=args, train_dataset=dataset, callbacks=[StepTimer()]).train()
+        targs = TrainingArguments(output_dir=out, bf16=True, use_cpu=not cuda, per_device_train_batch_size=micro,
+                                  gradient_accumulation_steps=per_step // micro, max_steps=steps, learning_rate=3e-4,
+                                  lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.1, max_grad_norm=1.0,
+                                  optim="adamw_torch_fused", logging_steps=1, save_strategy="no", report_to=[],
+                                  dataloader_num_workers=0, seed=0, disable_tqdm=True)
+        Trainer(model=model, args=targs, train_dataset=dataset, callbacks=[StepTimer()]).train()
     return times
 
 
-def matmul_tflops() -> float:
+def matmul_rate(device: str, tokens: int, hidden: int, intermediate: int) -> float:
+    """bf16 matrix-product FLOP/s on `device`: the better of the model's MLP product and a square one."""
     import torch
 
-    a = torch.randn(2048, 2048, dtype=torch.bfloat16)
-    a @ a
+    def rate(m: int, k: int, n: int, repeats: int) -> float:
+        a = torch.randn(m, k, dtype=torch.bfloat16, device=device)
+        b = torch.randn(k, n, dtype=torch.bfloat16, device=device)
+        a @ b
+        best = float("inf")
+        for _ in range(3):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            for _ in range(repeats):
+                a @ b
+            if device == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, (time.perf_counter() - started) / repeats)
+        return 2 * m * k * n / best
+
+    square = 8192 if device == "cuda" else 2048
+    repeats = 50 if device == "cuda" else 4
+    return max(rate(tokens, hidden, intermediate, repeats), rate(square, square, square, repeats))
+
+
+def worker(name: str, run_root: str, args: dict, overrides: list[str], shapes: tuple[int, int, int]) -> None:
+    """One contender in this process; prints RESULT and a JSON line."""
+    import resource
+
+    import torch
+
+    rates = [matmul_rate(args["device"], *shapes)]
     started = time.perf_counter()
-    for _ in range(10):
-        a @ a
-    return 10 * 2 * 2048**3 / (time.perf_counter() - started) / 1e12
+    step_rates = globals()[f"worker_{name}"](Path(run_root), args, overrides)
+    seconds = time.perf_counter() - started
+    rates.append(matmul_rate(args["device"], *shapes))
+    device_peak = torch.cuda.max_memory_allocated() / 2**30 if args["device"] == "cuda" else None
+    print("RESULT", json.dumps({"rates": step_rates, "seconds": seconds, "matmul": rates, "device_peak": device_peak,
+                                "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 
 
-def run_worker(name: str, run_root: Path, args) -> tuple[float, float]:
-    """(tokens/s after warm-up, peak RSS GiB) of one contender in a fresh process."""
-    code = (f"import sys, json; sys.path.insert(0, {str(REPO / 'bench')!r}); import train_speed as b; "
-            f"from pathlib import Path; r = b.worker_{name}(Path({str(run_root)!r}), {args.steps}, "
-            f"{args.batch_tokens}, {args.micro_batch}); import resource; "
-            f"print('RESULT', json.dumps([r, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss]))")
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
-    rates, peak_kib = json.loads(out.split("RESULT", 1)[1])
-    rates = rates[1:]  # the first step warms up
-    return sum(rates) / len(rates), peak_kib / 2**20
+def run_worker(name: str, run_root: Path, args: argparse.Namespace, overrides: list[str],
+               shapes: tuple[int, int, int]) -> dict:
+    """Run a contender in a fresh process: tokens/s after warm-up, the first step's seconds, peak RSS, matmul rate."""
+    settings = {k: getattr(args, k) for k in ("steps", "batch_tokens", "micro_batch", "seq_len", "device")}
+    code = (f"import sys; sys.path.insert(0, {str(REPO / 'bench')!r}); import train_speed as b; "
+            f"b.worker({name!r}, {str(run_root)!r}, {settings!r}, {overrides!r}, {shapes!r})")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if done.returncode:
+        sys.exit(f"{name} {' '.join(overrides)} failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.split("RESULT", 1)[1])
+    rates = result["rates"]
+    return {"tok_s": statistics.mean(rates[1:]), "first_s": args.batch_tokens / rates[0],
+            "rss": result["rss"], "device_peak": result["device_peak"],
+            "matmul": statistics.mean(result["matmul"])}
+
+
+def flops_per_token(base: Path, seq_len: int) -> tuple[float, float, tuple[int, int, int], str]:
+    """(6·N, attention FLOP per token, the MLP product's shape for a micro-batch, the model's name) from its config."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    params = sum(p.numel() for p in model.parameters())  # a tied head is counted once
+    if not config.tie_word_embeddings:
+        params -= model.get_input_embeddings().weight.numel()  # a lookup, not a product
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    attention = 6 * config.num_hidden_layers * seq_len * config.num_attention_heads * head_dim
+    return 6 * params, attention, (seq_len, config.hidden_size, config.intermediate_size), \
+        f"{config.model_type} N={params / 1e6:.1f}M"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch-tokens", type=int, default=8192)
     parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=1, help="repeat every contender, interleaved")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="train.KEY=VALUE",
+                        help="a recipe override for graftlm and its variants")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:train.KEY=VALUE,...",
+                        help="graftlm with more overrides, measured beside it")
+    parser.add_argument("--no-trainer", action="store_true", help="only graftlm and its variants")
     args = parser.parse_args()
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit("--device cuda: no CUDA device here")
+    contenders = [("graftlm", "graftlm", args.overrides)]
+    if not args.no_trainer:
+        contenders.append(("HF Trainer", "trainer", []))
+    for variant in args.variant:
+        label, _, sets = variant.partition(":")
+        contenders.append((f"  {label}", "graftlm", args.overrides + [s for s in sets.split(",") if s]))
+
+    results: dict[str, list[dict]] = {label: [] for label, _, _ in contenders}
     with tempfile.TemporaryDirectory() as tmp:
         run_root = prepare(Path(tmp))
-        ours, ours_rss = run_worker("graftlm", run_root, args)
-        standard, standard_rss = run_worker("graftlm_standard_loss", run_root, args)
-        theirs, theirs_rss = run_worker("trainer", run_root, args)
-    params = 134_515_008
-    ceiling = matmul_tflops() * 1e12 / (6 * params)
-    print(f"SmolLM2-135M, seq {SEQ_LEN}, {args.batch_tokens} tokens/step (micro-batch {args.micro_batch}), bf16, "
-          f"{args.steps} steps (first excluded)")
-    print(f"graftlm loop       : {ours:7.1f} tok/s   peak RSS {ours_rss:5.2f} GiB (target < 6)")
-    print(f"  same, standard CE: {standard:7.1f} tok/s   peak RSS {standard_rss:5.2f} GiB (all logits at once)")
-    print(f"HF Trainer         : {theirs:7.1f} tok/s   peak RSS {theirs_rss:5.2f} GiB")
-    print(f"ratio              : {ours / theirs:7.2f}x (target >= 1.5x)")
-    print(f"ceiling here       : {ceiling:7.1f} tok/s (6N FLOP/token at {ceiling * 6 * params / 1e12:.2f} TFLOP/s "
-          f"bf16 matmul); graftlm reaches {ours / ceiling:.0%}")
+        six_n, attention, shapes, model_name = flops_per_token(run_root / "base", args.seq_len)
+        shapes = (args.micro_batch * args.seq_len, shapes[1], shapes[2])
+        for round_ in range(args.rounds):
+            for label, kind, overrides in contenders:
+                result = run_worker(kind, run_root, args, overrides, shapes)
+                results[label].append(result)
+                print(f"round {round_ + 1}: {label.strip():24} {result['tok_s']:8.1f} tok/s", flush=True)
+
+    per_token = six_n + attention
+    print(f"\n{model_name}, seq {args.seq_len}, {args.batch_tokens} tokens/step (micro-batch {args.micro_batch}), "
+          f"bf16 autocast on {args.device}, {args.steps} steps per run (first excluded), {args.rounds} round(s), "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; graftlm: {' '.join(args.overrides) or 'defaults'}")
+    print(f"{'contender':26} {'tok/s':>8} {'(each round)':>24} {'first step':>11} {'peak RSS':>9} {'ceiling':>8} "
+          f"{'share':>6}")
+    for label, rows in results.items():
+        tok_s = statistics.median(r["tok_s"] for r in rows)
+        ceiling = statistics.median(r["matmul"] for r in rows) / per_token
+        share = statistics.median(r["tok_s"] / (r["matmul"] / per_token) for r in rows)
+        each = " ".join(f"{r['tok_s']:.1f}" for r in rows)
+        memory = f"{max(r['rss'] for r in rows):6.2f} GiB"
+        if rows[0]["device_peak"] is not None:
+            memory += f" (GPU {max(r['device_peak'] for r in rows):.2f} GiB)"
+        print(f"{label:26} {tok_s:8.1f} {each:>24} {statistics.median(r['first_s'] for r in rows):9.1f} s "
+              f"{memory} {ceiling:8.1f} {share:6.0%}")
+    ours = results["graftlm"]
+    if "HF Trainer" in results:
+        ratios = [a["tok_s"] / b["tok_s"] for a, b in zip(ours, results["HF Trainer"])]
+        print(f"ratio graftlm / Trainer: {statistics.median(ratios):.2f}x (each round: "
+              f"{' '.join(f'{r:.2f}' for r in ratios)}; target >= 1.5x)")
+    for label, rows in results.items():
+        if label.startswith("  "):
+            gains = [v["tok_s"] / g["tok_s"] for v, g in zip(rows, ours)]
+            print(f"{label.strip()} / graftlm: {statistics.median(gains):.3f}x (each round: "
+                  f"{' '.join(f'{g:.3f}' for g in gains)})")
+    rates = [r["matmul"] for rows in results.values() for r in rows]
+    print(f"ceiling: (6N {six_n / 1e6:.0f} + attention {attention / 1e6:.0f}) MFLOP/token at the bf16 matmul rate "
+          f"measured in each run ({min(rates) / 1e9:.0f}-{max(rates) / 1e9:.0f} GFLOP/s); graftlm reaches "
+          f"{statistics.median(r['tok_s'] / (r['matmul'] / per_token) for r in ours):.0%} (target >= 70%)")
 
 
 if __name__ == "__main__":

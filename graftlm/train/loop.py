@@ -40,6 +40,7 @@ from graftlm.train.ema import EMA
 from graftlm.train.loss import CausalLMLoss
 from graftlm.train.methods import ADAPTER_DIR, Method, trainable_count
 from graftlm.train.phases import Phase, phase_at, plan_phases
+from graftlm.train.speed import prepare_for_speed, to_device, weight_casts_per_step
 
 FINAL_MARKER = "graft-train.json"
 
@@ -96,6 +97,7 @@ def train(recipe: Recipe, run: RunDir, fresh: bool = False,
         model.gradient_checkpointing_enable()
         if cfg.method != "full":
             model.enable_input_require_grads()  # recomputed blocks need an input that requires grad
+    model = prepare_for_speed(model, cfg, accelerator.device)
     model.train()
     sampler = MixtureSampler(sources, recipe.mixture_weights(), cfg.seq_len, cfg.seed, recipe.mixture.repeat)
     phases = plan_phases(cfg)
@@ -254,8 +256,7 @@ def _start_phase(phase: Phase, method: Method, cfg, accelerator, distiller: Dist
                                   **_fused_if_available(accelerator.device))
     if saved_optimizer is not None:
         optimizer.load_state_dict(saved_optimizer)
-    wrapped = accelerator.prepare_model(CausalLMLoss(method.model, chunked=cfg.loss == "chunked",
-                                                     distiller=distiller))
+    wrapped = accelerator.prepare_model(CausalLMLoss.from_config(method.model, cfg, accelerator.device, distiller))
     return optimizer, wrapped, [p for group in groups for p in group["params"]]
 
 
@@ -279,24 +280,25 @@ def _accumulate_gradients(wrapped, local_batch: np.ndarray, local_replay: np.nda
                           accelerator) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward over micro-batches; returns the mean loss over this process's sequences and the
     distillation term's share of it. `local_replay` marks the sequences to distill on (None: no distillation)."""
-    tokens = torch.from_numpy(local_batch).to(accelerator.device)
+    tokens = to_device(local_batch, accelerator.device)
     micro_batches = tokens.split(cfg.micro_batch_size)
     replay = [None] * len(micro_batches) if local_replay is None else \
         torch.from_numpy(local_replay).to(accelerator.device).split(cfg.micro_batch_size)
     loss_module = accelerator.unwrap_model(wrapped)
     total = torch.zeros((), device=accelerator.device)
     distilled = torch.zeros((), device=accelerator.device)
-    for i, (micro, flags) in enumerate(zip(micro_batches, replay)):
-        weight = len(micro) / len(tokens)
-        last = i == len(micro_batches) - 1
-        extra = {} if flags is None else {"replay": flags}
-        with contextlib.nullcontext() if last else accelerator.no_sync(wrapped), _autocast(cfg, accelerator):
-            loss = wrapped(micro[:, :-1], micro[:, 1:], **extra)
-        if torch.isfinite(loss):
-            (loss * weight).backward()
-        total += loss.detach().float() * weight
-        if flags is not None and loss_module.distill_part is not None:
-            distilled += loss_module.distill_part.float() * weight
+    with weight_casts_per_step(cfg, accelerator.device):
+        for i, (micro, flags) in enumerate(zip(micro_batches, replay)):
+            weight = len(micro) / len(tokens)
+            last = i == len(micro_batches) - 1
+            extra = {} if flags is None else {"replay": flags}
+            with contextlib.nullcontext() if last else accelerator.no_sync(wrapped), _autocast(cfg, accelerator):
+                loss = wrapped(micro[:, :-1], micro[:, 1:], **extra)
+            if torch.isfinite(loss):
+                (loss * weight).backward()
+            total += loss.detach().float() * weight
+            if flags is not None and loss_module.distill_part is not None:
+                distilled += loss_module.distill_part.float() * weight
     return total, distilled
 
 
