@@ -128,9 +128,10 @@ class TrainConfig(Section):
     """chunked: the output layer and cross-entropy run a chunk of tokens at a time, never holding all logits;
     standard: the model's own logits, then cross-entropy; liger: Liger Kernel's fused linear cross-entropy (CUDA
     only, `pip install liger-kernel`; no distillation)."""
-    loss_vocab_chunk: int | None = Field(default=None, ge=128)
-    """chunked loss: the output layer's matrix products run this many vocabulary rows at a time (null: the whole
-    vocabulary in one product). The same numbers either way; only the speed differs (bench/train_speed.py)."""
+    loss_vocab_chunk: int | None = Field(default=None, ge=64, multiple_of=64)
+    """chunked loss: the output layer's two products that keep the vocabulary as an output dimension run this many
+    vocabulary rows at a time (null: all at once). Each number is the same dot product either way (bit-identical in
+    the CPU cases tested, not guaranteed by every matmul library); only the speed differs."""
     attention: Literal["auto", "flash", "efficient", "math", "cudnn", "eager"] = "auto"
     """The attention kernel (graftlm/train/speed.py): auto: scaled-dot-product attention (SDPA) on the kernel torch
     picks per call; flash, efficient, math, cudnn: SDPA on that kernel only; eager: transformers' matmul + softmax.

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 SDPA_KERNELS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH",
                 "cudnn": "CUDNN_ATTENTION"}
 """`train.attention` values that restrict SDPA to one kernel, and torch's name for it."""
+CUDA_ONLY_KERNELS = ("efficient", "cudnn")
 COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 
 
@@ -48,6 +49,9 @@ def prepare_for_speed(model: "nn.Module", cfg: "TrainConfig", device: torch.devi
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft keeps the model inside
+    if cfg.attention in CUDA_ONLY_KERNELS and device.type != "cuda":
+        raise GraftError(f"train.attention: {cfg.attention} is a CUDA kernel and this run is on {device.type}; "
+                         "use auto (on CPU: flash) or math")
     if cfg.attention != "auto":
         base.set_attn_implementation(_attention_implementation(cfg.attention))
     if compile_enabled(cfg, device):
@@ -85,7 +89,8 @@ def _attention_implementation(name: str) -> str:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    registered = f"graftlm_sdpa_{name}"
+    # transformers takes any implementation named "*flash*" for a flash-attn package
+    registered = f"graftlm_sdpa_{name}".replace("flash", "fa")
     if registered not in AttentionInterface._global_mapping:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
