@@ -1,7 +1,8 @@
 """Training throughput and peak memory: graftlm's loop against the Hugging Face Trainer, same model, data and batch.
 
     .venv/bin/python bench/train_speed.py [--steps 4] [--batch-tokens 8192] [--micro-batch 2] [--seq-len 512]
-        [--rounds 1] [--device cpu|cuda] [--set train.KEY=VALUE ...] [--variant NAME:train.KEY=VALUE,... ...]
+        [--rounds 1] [--device cpu|cuda] [--threads N] [--set train.KEY=VALUE ...]
+        [--variant NAME:train.KEY=VALUE,... ...]
 
 Full continued pre-training of SmolLM2-135M under bf16 autocast. Each contender runs in its own process (so peak
 RSS is its own), through the real code path: graftlm's `train()` on the bundled demo recipe (plus `--set`
@@ -9,7 +10,9 @@ overrides), the Trainer with fused AdamW on the same packed sequences. A `--vari
 overrides (e.g. `--variant compile:train.compile=true`), to measure one speed-up's own gain in the same run.
 tokens/s is measured over the steps after the first (the first step, compilation included, is shown apart).
 `--rounds N` repeats every contender N times, interleaved, so that a busy machine disturbs them alike; the ratio is
-taken round by round.
+taken round by round. On a machine shared with other jobs, `--threads 1` keeps torch's OpenMP threads from
+waiting on each other at every barrier while the scheduler runs someone else (with 2 threads on 2 busy cores a
+step can take 4x longer than with 1).
 
 The ceiling is what this machine could reach if every FLOP ran at its bf16 matmul rate: (6·N + attention) FLOP per
 token, N the parameters that take part in matrix products (the input embedding only when it is the tied output
@@ -56,7 +59,25 @@ def sequences(run_root: Path, count: int, seq_len: int):
     return np.stack([sampler.next_sequence()[1] for _ in range(count)])
 
 
-def worker_graftlm(run_root: Path, args: dict, overrides: list[str]) -> list[float]:
+class StepClock:
+    """Wall and CPU seconds of each step, from the end of one step to the end of the next (the first step is timed
+    from the start)."""
+
+    def __init__(self):
+        self.last = (time.perf_counter(), time.process_time())
+        self.steps: list[tuple[float, float]] = []
+
+    def tick(self, *_, **__) -> None:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        now = (time.perf_counter(), time.process_time())
+        self.steps.append((now[0] - self.last[0], now[1] - self.last[1]))
+        self.last = now
+
+
+def worker_graftlm(run_root: Path, args: dict, overrides: list[str], clock: StepClock) -> None:
     from graftlm.recipe import load_recipe
     from graftlm.runs import RunDir
     from graftlm.train.loop import train
@@ -67,11 +88,21 @@ def worker_graftlm(run_root: Path, args: dict, overrides: list[str]) -> list[flo
         "train.checkpoint_every=0", f"train.seq_len={args['seq_len']}", "eval.text={}", "eval.choice={}",
         *overrides])
     run = RunDir(run_root)
-    train(recipe, run, fresh=True)
-    return [r["tokens_per_s"] for r in run.read_metrics() if "loss" in r]
+    first = [True]
+
+    def on_step_end(step: int) -> None:
+        if first[0]:  # the first step counts from its own start (loading the model is not a step)
+            first[0] = False
+            wall = args["batch_tokens"] / [r for r in run.read_metrics() if "loss" in r][0]["tokens_per_s"]
+            clock.steps.append((wall, float("nan")))
+            clock.last = (time.perf_counter(), time.process_time())
+        else:
+            clock.tick()
+
+    train(recipe, run, fresh=True, on_step_end=on_step_end)
 
 
-def worker_trainer(run_root: Path, args: dict, overrides: list[str]) -> list[float]:
+def worker_trainer(run_root: Path, args: dict, overrides: list[str], clock: StepClock) -> None:
     import torch
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
@@ -80,51 +111,51 @@ def worker_trainer(run_root: Path, args: dict, overrides: list[str]) -> list[flo
     data = sequences(run_root, per_step * steps, seq_len)
     dataset = [{"input_ids": torch.from_numpy(row[:-1]), "labels": torch.from_numpy(row[:-1])} for row in data]
     model = AutoModelForCausalLM.from_pretrained(run_root / "base", dtype=torch.float32)
-    cuda = args["device"] == "cuda"
-    times: list[float] = []
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, *a, **k):
-            times.append(time.perf_counter())
+            if not clock.steps:
+                clock.last = (time.perf_counter(), time.process_time())
 
         def on_step_end(self, *a, **k):
-            if cuda:
-                torch.cuda.synchronize()
-            times[-1] = batch_tokens / (time.perf_counter() - times[-1])
+            clock.tick()
 
     with tempfile.TemporaryDirectory() as out:
-        targs = TrainingArguments(output_dir=out, bf16=True, use_cpu=not cuda, per_device_train_batch_size=micro,
-                                  gradient_accumulation_steps=per_step // micro, max_steps=steps, learning_rate=3e-4,
-                                  lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.1, max_grad_norm=1.0,
-                                  optim="adamw_torch_fused", logging_steps=1, save_strategy="no", report_to=[],
-                                  dataloader_num_workers=0, seed=0, disable_tqdm=True)
+        targs = TrainingArguments(output_dir=out, bf16=True, use_cpu=args["device"] != "cuda",
+                                  per_device_train_batch_size=micro, gradient_accumulation_steps=per_step // micro,
+                                  max_steps=steps, learning_rate=3e-4, lr_scheduler_type="cosine", warmup_steps=0,
+                                  weight_decay=0.1, max_grad_norm=1.0, optim="adamw_torch_fused", logging_steps=1,
+                                  save_strategy="no", report_to=[], dataloader_num_workers=0, seed=0,
+                                  disable_tqdm=True)
         Trainer(model=model, args=targs, train_dataset=dataset, callbacks=[StepTimer()]).train()
-    return times
 
 
-def matmul_rate(device: str, tokens: int, hidden: int, intermediate: int) -> float:
-    """bf16 matrix-product FLOP/s on `device`: the better of the model's MLP product and a square one."""
+def matmul_rate(device: str, tokens: int, hidden: int, intermediate: int) -> tuple[float, float]:
+    """bf16 matrix-product FLOP per wall second and per CPU second on `device`: the better of the model's MLP
+    product and a square one."""
     import torch
 
-    def rate(m: int, k: int, n: int, repeats: int) -> float:
+    def rate(m: int, k: int, n: int, repeats: int) -> tuple[float, float]:
         a = torch.randn(m, k, dtype=torch.bfloat16, device=device)
         b = torch.randn(k, n, dtype=torch.bfloat16, device=device)
         a @ b
-        best = float("inf")
+        best_wall = best_cpu = float("inf")
         for _ in range(3):
             if device == "cuda":
                 torch.cuda.synchronize()
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             for _ in range(repeats):
                 a @ b
             if device == "cuda":
                 torch.cuda.synchronize()
-            best = min(best, (time.perf_counter() - started) / repeats)
-        return 2 * m * k * n / best
+            best_wall = min(best_wall, (time.perf_counter() - started) / repeats)
+            best_cpu = min(best_cpu, (time.process_time() - cpu) / repeats)
+        return 2 * m * k * n / best_wall, 2 * m * k * n / best_cpu
 
     square = 8192 if device == "cuda" else 2048
     repeats = 50 if device == "cuda" else 4
-    return max(rate(tokens, hidden, intermediate, repeats), rate(square, square, square, repeats))
+    mlp, squared = rate(tokens, hidden, intermediate, repeats), rate(square, square, square, repeats)
+    return max(mlp[0], squared[0]), max(mlp[1], squared[1])
 
 
 def worker(name: str, run_root: str, args: dict, overrides: list[str], shapes: tuple[int, int, int]) -> None:
@@ -134,32 +165,36 @@ def worker(name: str, run_root: str, args: dict, overrides: list[str], shapes: t
     import torch
 
     rates = [matmul_rate(args["device"], *shapes)]
-    started = time.perf_counter()
-    step_rates = globals()[f"worker_{name}"](Path(run_root), args, overrides)
-    seconds = time.perf_counter() - started
+    clock = StepClock()
+    globals()[f"worker_{name}"](Path(run_root), args, overrides, clock)
     rates.append(matmul_rate(args["device"], *shapes))
     device_peak = torch.cuda.max_memory_allocated() / 2**30 if args["device"] == "cuda" else None
-    print("RESULT", json.dumps({"rates": step_rates, "seconds": seconds, "matmul": rates, "device_peak": device_peak,
+    print("RESULT", json.dumps({"steps": clock.steps, "matmul": rates, "device_peak": device_peak,
                                 "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 
 
 def run_worker(name: str, run_root: Path, args: argparse.Namespace, overrides: list[str],
                shapes: tuple[int, int, int]) -> dict:
-    """Run a contender in a fresh process: tokens/s after warm-up, the first step's seconds, peak RSS, matmul rate."""
+    """Run a contender in a fresh process: tokens per wall and per CPU second after the first step, the first
+    step's seconds, peak RSS, the matmul rates."""
     settings = {k: getattr(args, k) for k in ("steps", "batch_tokens", "micro_batch", "seq_len", "device")}
     code = (f"import sys; sys.path.insert(0, {str(REPO / 'bench')!r}); import train_speed as b; "
             f"b.worker({name!r}, {str(run_root)!r}, {settings!r}, {overrides!r}, {shapes!r})")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if done.returncode:
         sys.exit(f"{name} {' '.join(overrides)} failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.split("RESULT", 1)[1])
-    rates = result["rates"]
-    return {"tok_s": statistics.mean(rates[1:]), "first_s": args.batch_tokens / rates[0],
-            "rss": result["rss"], "device_peak": result["device_peak"],
-            "matmul": statistics.mean(result["matmul"])}
+    (first, _), *steps = result["steps"]
+    return {"tok_s": args.batch_tokens * len(steps) / sum(w for w, _ in steps),
+            "tok_cpu_s": args.batch_tokens * len(steps) / sum(c for _, c in steps),
+            "first_s": first, "rss": result["rss"], "device_peak": result["device_peak"],
+            "matmul": statistics.mean(w for w, _ in result["matmul"]),
+            "matmul_cpu": statistics.mean(c for _, c in result["matmul"])}
 
 
 def flops_per_token(base: Path, seq_len: int) -> tuple[float, float, tuple[int, int, int], str]:
@@ -192,6 +227,8 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:train.KEY=VALUE,...",
                         help="graftlm with more overrides, measured beside it")
     parser.add_argument("--no-trainer", action="store_true", help="only graftlm and its variants")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="OMP_NUM_THREADS for every contender (default: torch's own, one per core)")
     args = parser.parse_args()
     if args.device == "cuda":
         import torch
@@ -214,38 +251,47 @@ def main() -> None:
             for label, kind, overrides in contenders:
                 result = run_worker(kind, run_root, args, overrides, shapes)
                 results[label].append(result)
-                print(f"round {round_ + 1}: {label.strip():24} {result['tok_s']:8.1f} tok/s", flush=True)
+                print(f"round {round_ + 1}: {label.strip():24} {result['tok_s']:8.1f} tok/s {result['tok_cpu_s']:8.1f} "
+                      f"tok/CPU-s", flush=True)
 
     per_token = six_n + attention
     print(f"\n{model_name}, seq {args.seq_len}, {args.batch_tokens} tokens/step (micro-batch {args.micro_batch}), "
           f"bf16 autocast on {args.device}, {args.steps} steps per run (first excluded), {args.rounds} round(s), "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; graftlm: {' '.join(args.overrides) or 'defaults'}")
-    print(f"{'contender':26} {'tok/s':>8} {'(each round)':>24} {'first step':>11} {'peak RSS':>9} {'ceiling':>8} "
-          f"{'share':>6}")
+          f"{os.cpu_count()} CPUs ({args.threads or 'default'} threads), load average {os.getloadavg()[0]:.1f}; "
+          f"graftlm: {' '.join(args.overrides) or 'defaults'}")
+    print(f"{'contender':24} {'tok/s':>7} {'(each round)':>20} {'first step':>10} {'peak RSS':>9} {'ceiling':>7} "
+          f"{'share':>5} {'tok/CPU-s':>9} {'share':>5}")
     for label, rows in results.items():
-        tok_s = statistics.median(r["tok_s"] for r in rows)
-        ceiling = statistics.median(r["matmul"] for r in rows) / per_token
-        share = statistics.median(r["tok_s"] / (r["matmul"] / per_token) for r in rows)
         each = " ".join(f"{r['tok_s']:.1f}" for r in rows)
-        memory = f"{max(r['rss'] for r in rows):6.2f} GiB"
+        memory = f"{max(r['rss'] for r in rows):5.2f} GiB"
         if rows[0]["device_peak"] is not None:
             memory += f" (GPU {max(r['device_peak'] for r in rows):.2f} GiB)"
-        print(f"{label:26} {tok_s:8.1f} {each:>24} {statistics.median(r['first_s'] for r in rows):9.1f} s "
-              f"{memory} {ceiling:8.1f} {share:6.0%}")
+        print(f"{label:24} {med(rows, 'tok_s'):7.1f} {each:>20} {med(rows, 'first_s'):8.1f} s {memory} "
+              f"{statistics.median(r['matmul'] / per_token for r in rows):7.1f} "
+              f"{statistics.median(r['tok_s'] / (r['matmul'] / per_token) for r in rows):5.0%} "
+              f"{med(rows, 'tok_cpu_s'):9.1f} "
+              f"{statistics.median(r['tok_cpu_s'] / (r['matmul_cpu'] / per_token) for r in rows):5.0%}")
     ours = results["graftlm"]
-    if "HF Trainer" in results:
-        ratios = [a["tok_s"] / b["tok_s"] for a, b in zip(ours, results["HF Trainer"])]
-        print(f"ratio graftlm / Trainer: {statistics.median(ratios):.2f}x (each round: "
-              f"{' '.join(f'{r:.2f}' for r in ratios)}; target >= 1.5x)")
-    for label, rows in results.items():
-        if label.startswith("  "):
-            gains = [v["tok_s"] / g["tok_s"] for v, g in zip(rows, ours)]
-            print(f"{label.strip()} / graftlm: {statistics.median(gains):.3f}x (each round: "
-                  f"{' '.join(f'{g:.3f}' for g in gains)})")
+    for key, unit in (("tok_s", "wall"), ("tok_cpu_s", "CPU")):
+        if "HF Trainer" in results:
+            ratios = [a[key] / b[key] for a, b in zip(ours, results["HF Trainer"])]
+            print(f"ratio graftlm / Trainer ({unit} time): {statistics.median(ratios):.2f}x (each round: "
+                  f"{' '.join(f'{r:.2f}' for r in ratios)}; target >= 1.5x)")
+        for label, rows in results.items():
+            if label.startswith("  "):
+                gains = [v[key] / g[key] for v, g in zip(rows, ours)]
+                print(f"  {label.strip()} / graftlm ({unit} time): {statistics.median(gains):.3f}x (each round: "
+                      f"{' '.join(f'{g:.3f}' for g in gains)})")
     rates = [r["matmul"] for rows in results.values() for r in rows]
     print(f"ceiling: (6N {six_n / 1e6:.0f} + attention {attention / 1e6:.0f}) MFLOP/token at the bf16 matmul rate "
           f"measured in each run ({min(rates) / 1e9:.0f}-{max(rates) / 1e9:.0f} GFLOP/s); graftlm reaches "
-          f"{statistics.median(r['tok_s'] / (r['matmul'] / per_token) for r in ours):.0%} (target >= 70%)")
+          f"{statistics.median(r['tok_s'] / (r['matmul'] / per_token) for r in ours):.0%} of it (target >= 70%); "
+          f"per CPU second (time the process ran, as the matmul rate): "
+          f"{statistics.median(r['tok_cpu_s'] / (r['matmul_cpu'] / per_token) for r in ours):.0%}")
+
+
+def med(rows: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
 
 
 if __name__ == "__main__":

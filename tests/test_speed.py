@@ -72,6 +72,41 @@ def test_weight_casts_per_step_is_nothing_under_fp32():
     assert isinstance(weight_casts_per_step(TrainConfig(precision="fp32"), CPU), contextlib.nullcontext)
 
 
+def reference_chunked_cross_entropy(hidden, weight, targets, chunk: int, compute_dtype):
+    """The chunked loss as graftlm computed it before this file's switches (grad_weight summed into zeros, the
+    whole vocabulary in one product): loss, grad_hidden, grad_weight of `loss * 0.25`."""
+    valid_count = (targets != IGNORE).sum().clamp(min=1)
+    w = weight.to(compute_dtype)
+    grad_hidden, grad_weight = torch.empty_like(hidden), torch.zeros(weight.shape)
+    total = torch.zeros(())
+    for start in range(0, len(hidden), chunk):
+        h, t = hidden[start:start + chunk].to(compute_dtype), targets[start:start + chunk]
+        valid, t_safe = t != IGNORE, t.clamp(min=0)
+        logits = (h @ w.T).float()
+        lse = torch.logsumexp(logits, dim=-1)
+        total += ((lse - logits.gather(1, t_safe[:, None]).squeeze(1)) * valid).sum()
+        grad_logits = logits.sub_(lse[:, None]).exp_()
+        grad_logits[torch.arange(len(t)), t_safe] -= 1.0
+        grad_logits = grad_logits.mul_((valid.to(torch.float32) / valid_count)[:, None]).to(compute_dtype)
+        grad_hidden[start:start + chunk] = (grad_logits @ w).to(hidden.dtype)
+        grad_weight += (grad_logits.T @ h).float()
+    return total / valid_count, grad_hidden * 0.25, grad_weight * 0.25
+
+
+@pytest.mark.parametrize("tokens", [40, 50])  # one chunk of tokens, several
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+def test_chunked_loss_is_bit_identical_to_the_reference(compute_dtype, tokens):
+    torch.manual_seed(0)
+    hidden = torch.randn(tokens, 24, requires_grad=True)
+    weight = (torch.randn(1000, 24) * 0.1).requires_grad_()
+    targets = torch.randint(0, 1000, (tokens,))
+    targets[7] = IGNORE
+    loss = ChunkedLinearCrossEntropy.apply(hidden, weight, targets, 40, compute_dtype)
+    (loss * 0.25).backward()
+    expected = reference_chunked_cross_entropy(hidden.detach(), weight.detach(), targets, 40, compute_dtype)
+    assert all(torch.equal(a, b) for a, b in zip((loss.detach(), hidden.grad, weight.grad), expected))
+
+
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
 def test_vocabulary_chunks_give_bit_identical_loss_and_gradients(compute_dtype):
     torch.manual_seed(0)

@@ -7,6 +7,10 @@ the output weight; the backward pass only scales them. Peak memory for the head 
 
 An extra per-token term on the same logits (distillation, graftlm/train/distill.py) rides along chunk by chunk, so
 it costs no second pass through the output layer.
+
+`train.loss_vocab_chunk` also slices the vocabulary of the two products whose output has a vocabulary dimension
+(the logits, grad_weight): each number is the same dot product, only the shape of the products changes.
+`train.loss: liger` hands the output layer and cross-entropy to Liger Kernel's fused CUDA kernel instead.
 """
 
 from __future__ import annotations
@@ -52,22 +56,24 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         # Vocabulary slices of the products that keep the vocabulary as an output dimension (each logit and each
         # row of grad_weight is the same dot product, so the numbers do not change): a 49k-wide product runs well
         # below the matmul rate on CPU. grad_hidden sums over the vocabulary and stays one product.
-        rows = [slice(0, w.shape[0])] if vocab_chunk is None else \
+        vocab_slices = [slice(0, w.shape[0])] if vocab_chunk is None else \
             [slice(v, v + vocab_chunk) for v in range(0, w.shape[0], vocab_chunk)]
+        one_chunk = hidden.shape[0] <= chunk  # grad_weight is then written once, not summed into zeros
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_weight = (torch.empty if one_chunk else torch.zeros)(weight.shape, dtype=torch.float32,
+                                                                   device=weight.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start:start + chunk].to(compute_dtype)
             t = targets[start:start + chunk]
             valid = t != IGNORE
             t_safe = t.clamp(min=0)
-            if len(rows) == 1:
+            if len(vocab_slices) == 1:
                 logits = (h @ w.T).float()
             else:
                 logits = torch.empty((len(h), w.shape[0]), dtype=torch.float32, device=h.device)
-                for r in rows:
-                    logits[:, r] = h @ w[r].T
+                for v in vocab_slices:
+                    logits[:, v] = h @ w[v].T
             extra_grad = extra(logits, start) if extra is not None else None  # before logits are overwritten
             lse = torch.logsumexp(logits, dim=-1)
             total += ((lse - logits.gather(1, t_safe[:, None]).squeeze(1)) * valid).sum()
@@ -80,8 +86,11 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_logits.mul_((valid.to(torch.float32) / valid_count)[:, None])
             grad_logits = grad_logits.to(compute_dtype)
             grad_hidden[start:start + chunk] = (grad_logits @ w).to(hidden.dtype)
-            for r in rows:
-                grad_weight[r] += (grad_logits[:, r].T @ h).float()
+            for v in vocab_slices:
+                if one_chunk:
+                    grad_weight[v] = grad_logits[:, v].T @ h  # (to fp32 on assignment)
+                else:
+                    grad_weight[v] += (grad_logits[:, v].T @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
         if extra is not None:
             total = total + extra.total
@@ -90,7 +99,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_output, (grad_weight * grad_output), None, None, None, None, None
+        # in place: the buffers are this call's own (a second backward through them fails on their version)
+        return grad_hidden.mul_(grad_output), grad_weight.mul_(grad_output), None, None, None, None, None
 
 
 class CausalLMLoss(nn.Module):

@@ -14,6 +14,7 @@
   run of a shape pays the compilation. `auto`: on CUDA only; it changes rounding (fused elementwise kernels), so it
   is off where runs must repeat the uncompiled ones bit for bit.
 - `train.threads`: torch's CPU threads.
+- Deterministic mode without NaN-filling every new tensor (the same numbers, a pass over memory less).
 - bf16 casts once per step: under autocast each micro-batch casts every fp32 weight to bf16 again; autocast's cast
   cache lives as long as the outermost autocast block, so one block around the step's micro-batches casts each
   trained weight once per optimizer step. Bit-identical (the weights do not change between micro-batches).
@@ -48,6 +49,9 @@ def prepare_for_speed(model: "nn.Module", cfg: "TrainConfig", device: torch.devi
     inside peft); returns it. Parameter names and the state dict do not change, so checkpoints are unaffected."""
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    # Deterministic mode (train.deterministic) fills every new uninitialised tensor with NaN, a debugging aid: a
+    # kernel that read such memory would be a bug either way. Not filling is the same numbers for less work.
+    torch.utils.deterministic.fill_uninitialized_memory = False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft keeps the model inside
     if cfg.attention in CUDA_ONLY_KERNELS and device.type != "cuda":
         raise GraftError(f"train.attention: {cfg.attention} is a CUDA kernel and this run is on {device.type}; "
