@@ -120,12 +120,15 @@ def _score_batch(model: "PreTrainedModel", batch: list[Span], pad_id: int, devic
     targets = input_ids[:, 1:][where].to(device)
     position_ids = torch.arange(width).expand(len(batch), -1).to(device)
     input_ids = input_ids.to(device)
-    if _keeps_logits(model):
+    accepted = _forward_parameters(model)
+    extra = {"use_cache": False} if "use_cache" in accepted else {}
+    if "logits_to_keep" in accepted:
         kept = where.any(0).nonzero()[:, 0]  # positions scored in any row
-        logits = model(input_ids=input_ids, position_ids=position_ids, logits_to_keep=kept.to(device)).logits
+        logits = model(input_ids=input_ids, position_ids=position_ids, logits_to_keep=kept.to(device),
+                       **extra).logits
         chosen = logits[where[:, kept].to(device)]
     else:
-        logits = model(input_ids=input_ids, position_ids=position_ids).logits
+        logits = model(input_ids=input_ids, position_ids=position_ids, **extra).logits
         chosen = logits[:, :-1][where.to(device)]
     chosen = chosen.float()
     token_log_probs = (chosen.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(chosen, -1)).double()
@@ -133,13 +136,14 @@ def _score_batch(model: "PreTrainedModel", batch: list[Span], pad_id: int, devic
     return torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, rows, token_log_probs).tolist()
 
 
-def _keeps_logits(model: "PreTrainedModel") -> bool:
-    """Whether the model's forward computes logits only at given positions (`logits_to_keep`, most transformers
-    causal LMs; applying the model's own head keeps whatever it does after the product, e.g. Gemma's softcap)."""
+def _forward_parameters(model: "PreTrainedModel") -> set[str]:
+    """The keyword arguments of the model's forward. Most transformers causal LMs take `logits_to_keep` (logits
+    only at given positions, through the model's own head: whatever it does after the product, e.g. Gemma's
+    softcap, still applies) and `use_cache` (no key/value cache is needed to score)."""
     import inspect
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return set(inspect.signature(base.forward).parameters)
 
 
 @contextlib.contextmanager

@@ -134,13 +134,13 @@ class CausalLMLoss(nn.Module):
         self.distill_part = None
         head = self.model.get_output_embeddings()
         if self.liger is not None:
-            hidden = self.model.get_decoder()(input_ids=inputs).last_hidden_state
+            hidden = self.model.get_decoder()(input_ids=inputs, use_cache=False).last_hidden_state
             loss = self.liger(head.weight, hidden.flatten(0, 1), targets.flatten(), getattr(head, "bias", None))
             return loss[0] if isinstance(loss, tuple) else loss  # (loss, z_loss) in some Liger versions
         distill = self.distiller is not None and replay is not None and bool(replay.any())
         teacher = self.distiller.teacher_hidden(inputs, replay) if distill else None
         if not self.chunked or getattr(head, "bias", None) is not None:
-            logits = self.model(input_ids=inputs).logits
+            logits = self.model(input_ids=inputs, use_cache=False).logits
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
             if distill:
                 valid_count = (targets != IGNORE).sum().clamp(min=1)
@@ -148,7 +148,8 @@ class CausalLMLoss(nn.Module):
                 self.distill_part = term.detach()
                 loss = loss + term
             return loss
-        hidden = self.model.get_decoder()(input_ids=inputs).last_hidden_state
+        # no key/value cache: training never decodes (and a compiled block would recompile for each layer's cache)
+        hidden = self.model.get_decoder()(input_ids=inputs, use_cache=False).last_hidden_state
         compute_dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(
             hidden.device.type) else hidden.dtype
         # peft's wrappers of a trainable head (trainable tokens, modules_to_save) answer `.weight` with the
