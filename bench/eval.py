@@ -3,7 +3,8 @@ against a plain transformers loop (one document per forward pass) on the same te
 
     .venv/bin/python bench/eval.py [--max-documents 40] [--max-items 100] [--threads 1] [--model smollm2-135m]
 
-Prints seconds per pass (what the training loop pays every `eval.every` steps) and the numbers themselves.
+Prints seconds per pass (what the training loop pays every `eval.every` steps; wall and CPU seconds, the latter
+steadier on a shared machine) and the numbers themselves.
 """
 
 from __future__ import annotations
@@ -18,16 +19,16 @@ TEXT = {"sib200-vi": "data/eval/sib200/vie_Latn/test.tsv", "sib200-en": "data/ev
 CHOICE = {"xcopa-vi": "data/eval/xcopa/vi/test.vi.jsonl", "xcopa-vi-en": "data/eval/xcopa/vi-en/test.vi.jsonl"}
 
 
-def plain_loop_seconds(model, text_set, start_id: int) -> float:
-    """The baseline: each document alone through `model(input_ids)`, log-softmax summed."""
+def plain_loop_seconds(model, text_set, start_id: int) -> tuple[float, float]:
+    """The baseline: each document alone through `model(input_ids)`, log-softmax summed; (wall, CPU) seconds."""
     import torch
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     with torch.no_grad():
         for doc in text_set.documents:
             ids = torch.tensor([[start_id, *doc]])
             torch.log_softmax(model(ids).logits[0, :-1], dim=-1).gather(-1, ids[0, 1:, None]).sum()
-    return time.perf_counter() - started
+    return time.perf_counter() - started, time.process_time() - cpu
 
 
 def main() -> None:
@@ -63,9 +64,9 @@ def main() -> None:
     for dtype in args.dtypes.split(","):
         for name, set_config in one_set.items():
             evaluator = Evaluator.from_config(set_config.model_copy(update={"dtype": dtype}), tokenizer)
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             results = evaluator(model)
-            seconds = time.perf_counter() - started
+            seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
             if name in TEXT:
                 r = results["text"][name]
                 per_unit, unit = fertility(r)
@@ -74,13 +75,13 @@ def main() -> None:
                 r = results["choice"][name]
                 shown = (f"accuracy {r['accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]  "
                          f"accuracy/byte {r['accuracy_norm']:.3f}  n {r['n']}")
-            print(f"{name:12} {dtype:9} {seconds:7.1f} s   {shown}", flush=True)
+            print(f"{name:12} {dtype:9} {seconds:7.1f} s ({cpu:6.1f} CPU s)   {shown}", flush=True)
             timings[name, dtype] = seconds
     for name, path in TEXT.items():
         text_set = load_text_set(path, tokenizer, max_documents=args.max_documents)
-        seconds = plain_loop_seconds(model, text_set, start_token_id(tokenizer))
+        seconds, cpu = plain_loop_seconds(model, text_set, start_token_id(tokenizer))
         ratio = seconds / timings[name, "float32"] if (name, "float32") in timings else float("nan")
-        print(f"{name:12} plain loop (float32, a document per forward pass) {seconds:7.1f} s   "
+        print(f"{name:12} plain loop (float32, a document per forward pass) {seconds:7.1f} s ({cpu:6.1f} CPU s)   "
               f"graftlm float32 is {ratio:.2f}x faster", flush=True)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 

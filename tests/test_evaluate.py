@@ -254,3 +254,43 @@ def test_batches_group_similar_lengths_within_the_limits():
     order = sorted(range(len(spans)), key=lambda i: len(spans[i].ids), reverse=True)
     lengths = [[len(spans[i].ids) for i in batch] for batch in span_batches(order, spans, batch_size=2)]
     assert lengths == [[100, 95], [50, 49], [48, 47], [10]]
+
+
+def masked_full_softmax_scores(model, spans, pad_id: int) -> list[float]:
+    """The reference for `log_likelihoods`: each batch of spans with its padding mask, every position through a
+    full-vocabulary log-softmax (how graftlm scored before it kept only the scored positions)."""
+    results = []
+    with torch.no_grad():
+        for span in spans:
+            padded = span.ids + [pad_id] * 3
+            mask = [1] * len(span.ids) + [0] * 3
+            logits = model(input_ids=torch.tensor([padded]), attention_mask=torch.tensor([mask])).logits[0]
+            log_probs = torch.log_softmax(logits[:-1].float(), dim=-1)
+            results.append(sum(log_probs[t - 1, padded[t]].double().item() for t in range(span.first, len(span.ids))))
+    return results
+
+
+class NoLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward takes no `logits_to_keep` (scored on its full logits)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None):
+        return self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask)
+
+
+def test_scoring_only_the_needed_positions_matches_the_masked_full_softmax(tiny):
+    from graftlm.evaluate.scoring import Span, log_likelihoods
+
+    model, tokenizer = tiny
+    text_set = load_text_set(str(DATA / "eval/sib200/vie_Latn/dev.tsv"), tokenizer, max_documents=6)
+    # whole documents, windows scored from the middle, and choice-like spans scored only at the end
+    spans = [Span([tokenizer.bos_token_id, *doc], 1) for doc in text_set.documents]
+    spans += [Span(doc, len(doc) // 2) for doc in text_set.documents] + [Span(doc, len(doc) - 2)
+                                                                        for doc in text_set.documents]
+    reference = masked_full_softmax_scores(model, spans, pad_id=0)
+    assert log_likelihoods(model, spans, pad_id=0, batch_size=8) == pytest.approx(reference, rel=1e-6)
+    assert log_likelihoods(NoLogitsToKeep(model), spans, pad_id=0, batch_size=8) == pytest.approx(reference, rel=1e-6)

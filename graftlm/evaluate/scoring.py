@@ -43,7 +43,8 @@ def start_token_id(tokenizer: "PreTrainedTokenizerBase") -> int:
 
 
 def pad_token_id(tokenizer: "PreTrainedTokenizerBase") -> int:
-    """Any id will do: padded positions are masked out of attention and of the scores."""
+    """Any id will do: padding follows every real token of its row (which causal attention never lets see it) and
+    is never scored."""
     for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id):
         if token_id is not None:
             return token_id
@@ -62,9 +63,9 @@ def log_likelihoods(model: "PreTrainedModel", spans: Sequence[Span], pad_id: int
                     dtype: str = "float32", on_batch: Callable[[int, int], None] | None = None) -> list[float]:
     """For each span, the sum of the natural-log probabilities of `ids[first:]`, each given the tokens before it.
 
-    Spans are sorted by length so that batches hold similar lengths, right-padded, and masked: padding only ever
-    follows a row's real tokens, so with causal attention the real tokens neither see it nor change position
-    (position ids are 0..n-1 in every row). Runs under no_grad in eval mode; the model's mode is restored.
+    Spans are sorted by length so that batches hold similar lengths, and right-padded: padding only ever follows a
+    row's real tokens, so with causal attention the real tokens neither see it nor change position (position ids
+    are 0..n-1 in every row). Runs under no_grad in eval mode; the model's mode is restored.
     `on_batch(done, total)` is called after each batch with the spans scored so far (for a progress bar).
     """
     import torch
@@ -73,7 +74,8 @@ def log_likelihoods(model: "PreTrainedModel", spans: Sequence[Span], pad_id: int
     device = next(model.parameters()).device
     order = sorted(range(len(spans)), key=lambda i: len(spans[i].ids), reverse=True)
     done = 0
-    with torch.no_grad(), eval_mode(model), precision(dtype, device):
+    # torch.compile'd training blocks (train.compile) run eagerly here: evaluation shapes vary batch to batch
+    with torch.no_grad(), eval_mode(model), precision(dtype, device), torch.compiler.set_stance("force_eager"):
         for rows in span_batches(order, spans, batch_size):
             for i, total in zip(rows, _score_batch(model, [spans[i] for i in rows], pad_id, device)):
                 results[i] = total
@@ -101,7 +103,10 @@ def span_batches(order: list[int], spans: Sequence[Span], batch_size: int) -> It
 @dataclass(frozen=True)
 class Batch:
     """Spans as model inputs, right-padded. `where[:, t]` marks the positions t whose logits predict a scored
-    token, `targets` those tokens (in row-major order)."""
+    token, `targets` those tokens (in row-major order).
+
+    No attention mask: padding only follows each row's real tokens, so under causal attention no real token sees
+    it, and without a mask attention runs on its fastest kernel."""
 
     inputs: dict
     where: "torch.Tensor"
@@ -113,30 +118,48 @@ def batch_inputs(batch: Sequence[Span], pad_id: int, device: "torch.device") -> 
 
     width = max(len(span.ids) for span in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
     scored = torch.zeros((len(batch), width), dtype=torch.bool)
     for row, span in enumerate(batch):
         input_ids[row, :len(span.ids)] = torch.tensor(span.ids, dtype=torch.long)
-        attention_mask[row, :len(span.ids)] = 1
         scored[row, span.first:len(span.ids)] = True
     position_ids = torch.arange(width).expand(len(batch), -1)
     # The logits at position t predict token t + 1.
     where = scored[:, 1:].to(device)
-    inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
-              "position_ids": position_ids.to(device)}
+    inputs = {"input_ids": input_ids.to(device), "position_ids": position_ids.to(device)}
     return Batch(inputs, where, input_ids[:, 1:].to(device)[where])
 
 
 def _score_batch(model: "PreTrainedModel", batch: list[Span], pad_id: int, device: "torch.device") -> list[float]:
+    """The spans' scores from one forward pass. Only the positions some row scores go through the output layer
+    (`logits_to_keep`, where the model takes it: a choice's context costs no vocabulary-wide product), and a token's
+    log-probability is its logit minus the logsumexp of its row, never a full log-softmax."""
     import torch
 
     inputs = batch_inputs(batch, pad_id, device)
-    logits = model(**inputs.inputs).logits
-    # Only the scored positions go through the (vocabulary-wide) softmax: padding and context cost nothing there.
-    log_probs = torch.log_softmax(logits[:, :-1][inputs.where].float(), dim=-1)
-    token_log_probs = log_probs.gather(-1, inputs.targets.unsqueeze(-1)).squeeze(-1).double()
+    accepted = _forward_parameters(model)
+    extra = {"use_cache": False} if "use_cache" in accepted else {}
+    if "logits_to_keep" in accepted:
+        kept = inputs.where.any(0).nonzero()[:, 0]  # positions scored in any row
+        logits = model(**inputs.inputs, logits_to_keep=kept, **extra).logits
+        chosen = logits[inputs.where[:, kept]]
+    else:
+        logits = model(**inputs.inputs, **extra).logits
+        chosen = logits[:, :-1][inputs.where]
+    chosen = chosen.float()
+    token_log_probs = (chosen.gather(-1, inputs.targets.unsqueeze(-1)).squeeze(-1)
+                       - torch.logsumexp(chosen, -1)).double()
     rows = inputs.where.nonzero()[:, 0]
     return torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, rows, token_log_probs).tolist()
+
+
+def _forward_parameters(model: "PreTrainedModel") -> set[str]:
+    """The keyword arguments of the model's forward. Most transformers causal LMs take `logits_to_keep` (logits
+    only at given positions, through the model's own head: whatever it does after the product, e.g. Gemma's
+    softcap, still applies) and `use_cache` (no key/value cache is needed to score)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    return set(inspect.signature(base.forward).parameters)
 
 
 @contextlib.contextmanager

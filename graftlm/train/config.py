@@ -146,9 +146,23 @@ class TrainConfig(Section):
     grad_clip: float | None = Field(default=1.0, gt=0)
     precision: Literal["bf16", "fp32"] = "bf16"
     """bf16: autocast on CPU (AVX512-BF16/AMX) and CUDA with fp32 master weights; fp32: no autocast."""
-    loss: Literal["chunked", "standard"] = "chunked"
+    loss: Literal["chunked", "standard", "liger"] = "chunked"
     """chunked: the output layer and cross-entropy run a chunk of tokens at a time, never holding all logits;
-    standard: the model's own logits, then cross-entropy."""
+    standard: the model's own logits, then cross-entropy; liger: Liger Kernel's fused linear cross-entropy (CUDA
+    only, `pip install liger-kernel`; no distillation)."""
+    loss_vocab_chunk: int | None = Field(default=None, ge=64, multiple_of=64)
+    """chunked loss: the output layer's two products that keep the vocabulary as an output dimension run this many
+    vocabulary rows at a time (null: all at once). Each number is the same dot product either way (bit-identical in
+    the CPU cases tested, not guaranteed by every matmul library); only the speed differs."""
+    attention: Literal["auto", "flash", "efficient", "math", "cudnn", "eager"] = "auto"
+    """The attention kernel (graftlm/train/speed.py): auto: scaled-dot-product attention (SDPA) on the kernel torch
+    picks per call; flash, efficient, math, cudnn: SDPA on that kernel only; eager: transformers' matmul + softmax.
+    Anything but auto changes rounding."""
+    compile: bool | Literal["auto"] = "auto"
+    """torch.compile each transformer block (compiled code is cached between runs); auto: on CUDA, off on CPU.
+    It changes rounding, so a compiled run does not repeat an uncompiled one bit for bit."""
+    threads: int | None = Field(default=None, ge=1)
+    """CPU threads for torch's kernels (torch.set_num_threads); null: torch's default, one per physical core."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     seed: int = 0
@@ -190,6 +204,8 @@ class TrainConfig(Section):
             raise ValueError(f"batch_tokens ({self.batch_tokens}) must be a multiple of seq_len ({self.seq_len})")
         if self.max_tokens is None and self.max_steps is None:
             raise ValueError("set max_tokens or max_steps")
+        if self.loss == "liger" and self.distill is not None:
+            raise ValueError("loss liger cannot add the distillation term; use loss: chunked with distill")
         if self.method == "freeze" and not (self.freeze.layers or self.freeze.patterns
                                             or self.freeze.embeddings != "none"):
             raise ValueError("method freeze: choose what trains with freeze.layers, freeze.patterns or "

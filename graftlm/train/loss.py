@@ -7,6 +7,10 @@ the output weight; the backward pass only scales them. Peak memory for the head 
 
 An extra per-token term on the same logits (distillation, graftlm/train/distill.py) rides along chunk by chunk, so
 it costs no second pass through the output layer.
+
+`train.loss_vocab_chunk` also slices the vocabulary of the two products whose output has a vocabulary dimension
+(the logits, grad_weight): each number is the same dot product, only the shape of the products changes.
+`train.loss: liger` hands the output layer and cross-entropy to Liger Kernel's fused CUDA kernel instead.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from graftlm.errors import GraftError
 
 IGNORE = -100
 
@@ -37,23 +43,37 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
-                compute_dtype: torch.dtype, extra: ChunkTerm | None = None) -> torch.Tensor:
+                compute_dtype: torch.dtype, extra: ChunkTerm | None = None,
+                vocab_chunk: int | None = None) -> torch.Tensor:
         with torch.autocast(hidden.device.type, enabled=False):  # dtypes are chosen explicitly below
-            return ChunkedLinearCrossEntropy._forward(ctx, hidden, weight, targets, chunk, compute_dtype, extra)
+            return ChunkedLinearCrossEntropy._forward(ctx, hidden, weight, targets, chunk, compute_dtype, extra,
+                                                      vocab_chunk)
 
     @staticmethod
-    def _forward(ctx, hidden, weight, targets, chunk, compute_dtype, extra) -> torch.Tensor:
+    def _forward(ctx, hidden, weight, targets, chunk, compute_dtype, extra, vocab_chunk) -> torch.Tensor:
         valid_count = (targets != IGNORE).sum().clamp(min=1)
         w = weight.to(compute_dtype)
+        # Vocabulary slices of the products that keep the vocabulary as an output dimension (each logit and each
+        # row of grad_weight is the same dot product, so the numbers do not change): a 49k-wide product runs well
+        # below the matmul rate on CPU. grad_hidden sums over the vocabulary and stays one product.
+        vocab_slices = [slice(0, w.shape[0])] if vocab_chunk is None else \
+            [slice(v, v + vocab_chunk) for v in range(0, w.shape[0], vocab_chunk)]
+        one_chunk = hidden.shape[0] <= chunk  # grad_weight is then written once, not summed into zeros
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_weight = (torch.empty if one_chunk else torch.zeros)(weight.shape, dtype=torch.float32,
+                                                                   device=weight.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start:start + chunk].to(compute_dtype)
             t = targets[start:start + chunk]
             valid = t != IGNORE
             t_safe = t.clamp(min=0)
-            logits = (h @ w.T).float()
+            if len(vocab_slices) == 1:
+                logits = (h @ w.T).float()
+            else:
+                logits = torch.empty((len(h), w.shape[0]), dtype=torch.float32, device=h.device)
+                for v in vocab_slices:
+                    logits[:, v] = h @ w[v].T
             extra_grad = extra(logits, start) if extra is not None else None  # before logits are overwritten
             lse = torch.logsumexp(logits, dim=-1)
             total += ((lse - logits.gather(1, t_safe[:, None]).squeeze(1)) * valid).sum()
@@ -66,7 +86,11 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_logits.mul_((valid.to(torch.float32) / valid_count)[:, None])
             grad_logits = grad_logits.to(compute_dtype)
             grad_hidden[start:start + chunk] = (grad_logits @ w).to(hidden.dtype)
-            grad_weight += (grad_logits.T @ h).float()
+            for v in vocab_slices:
+                if one_chunk:
+                    grad_weight[v] = grad_logits[:, v].T @ h  # (to fp32 on assignment)
+                else:
+                    grad_weight[v] += (grad_logits[:, v].T @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
         if extra is not None:
             total = total + extra.total
@@ -75,7 +99,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_output, (grad_weight * grad_output), None, None, None, None
+        # in place: the buffers are this call's own (a second backward through them fails on their version)
+        return grad_hidden.mul_(grad_output), grad_weight.mul_(grad_output), None, None, None, None, None
 
 
 class CausalLMLoss(nn.Module):
@@ -83,23 +108,39 @@ class CausalLMLoss(nn.Module):
 
     With a `distiller` (graftlm/train/distill.py), `forward(inputs, targets, replay=mask)` adds its KL term on the
     sequences the boolean mask marks; the term's share of the returned loss is left in `self.distill_part`.
-    The wrapper is what DDP (accelerate) wraps, so gradient synchronisation sees the whole computation."""
+    The wrapper is what DDP (accelerate) wraps, so gradient synchronisation sees the whole computation.
+    `liger`: the output layer and cross-entropy are Liger Kernel's fused CUDA kernel (`liger_loss`)."""
 
-    def __init__(self, model: nn.Module, chunked: bool = True, chunk_tokens: int = 1024, distiller=None):
+    def __init__(self, model: nn.Module, chunked: bool = True, chunk_tokens: int = 1024, distiller=None,
+                 vocab_chunk: int | None = None, liger: nn.Module | None = None):
         super().__init__()
         self.model = model
         self.chunked = chunked
         self.chunk_tokens = chunk_tokens
+        self.vocab_chunk = vocab_chunk
         self.distiller = distiller  # a plain object: the teacher's weights stay out of this module (and of DDP)
+        self.liger = liger
+        if liger is not None and distiller is not None:
+            raise GraftError("train.loss: liger cannot add the distillation term; use loss: chunked")
         self.distill_part: torch.Tensor | None = None
+
+    @classmethod
+    def from_config(cls, model: nn.Module, cfg, device: torch.device, distiller=None) -> "CausalLMLoss":
+        """The loss `train.loss` and `train.loss_vocab_chunk` (graftlm/train/config.py) ask for."""
+        return cls(model, chunked=cfg.loss != "standard", distiller=distiller, vocab_chunk=cfg.loss_vocab_chunk,
+                   liger=liger_loss(device) if cfg.loss == "liger" else None)
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor, replay: torch.Tensor | None = None) -> torch.Tensor:
         self.distill_part = None
         head = self.model.get_output_embeddings()
+        if self.liger is not None:
+            hidden = self.model.get_decoder()(input_ids=inputs, use_cache=False).last_hidden_state
+            loss = self.liger(head.weight, hidden.flatten(0, 1), targets.flatten(), getattr(head, "bias", None))
+            return loss[0] if isinstance(loss, tuple) else loss  # (loss, z_loss) in some Liger versions
         distill = self.distiller is not None and replay is not None and bool(replay.any())
         teacher = self.distiller.teacher_hidden(inputs, replay) if distill else None
         if not self.chunked or getattr(head, "bias", None) is not None:
-            logits = self.model(input_ids=inputs).logits
+            logits = self.model(input_ids=inputs, use_cache=False).logits
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
             if distill:
                 valid_count = (targets != IGNORE).sum().clamp(min=1)
@@ -107,14 +148,28 @@ class CausalLMLoss(nn.Module):
                 self.distill_part = term.detach()
                 loss = loss + term
             return loss
-        hidden = self.model.get_decoder()(input_ids=inputs).last_hidden_state
+        # no key/value cache: training never decodes (and a compiled block would recompile for each layer's cache)
+        hidden = self.model.get_decoder()(input_ids=inputs, use_cache=False).last_hidden_state
         compute_dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(
             hidden.device.type) else hidden.dtype
         # peft's wrappers of a trainable head (trainable tokens, modules_to_save) answer `.weight` with the
         # weight their forward uses
         extra = self.distiller.chunk_term(teacher, targets, replay) if distill else None
         loss = ChunkedLinearCrossEntropy.apply(hidden.flatten(0, 1), head.weight, targets.flatten(),
-                                               self.chunk_tokens, compute_dtype, extra)
+                                               self.chunk_tokens, compute_dtype, extra, self.vocab_chunk)
         if extra is not None:
             self.distill_part = (extra.total / (targets != IGNORE).sum().clamp(min=1)).detach()
         return loss
+
+
+def liger_loss(device: torch.device) -> nn.Module:
+    """Liger Kernel's fused linear cross-entropy (Triton kernels: CUDA only), ignoring IGNORE targets."""
+    if device.type != "cuda":
+        raise GraftError(f"train.loss: liger runs on CUDA only, and this run is on {device.type}; "
+                         "use loss: chunked (the same computation in plain torch)")
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        raise GraftError("train.loss: liger needs Liger Kernel, which is not installed: "
+                         "pip install 'graftlm[gpu]' (or pip install liger-kernel)") from None
+    return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE)

@@ -23,6 +23,7 @@ from graftlm.train.flops import flops_per_token, mfu, peak_flops, peak_memory_by
 from graftlm.train.loss import CausalLMLoss
 from graftlm.train.methods import Method, apply_lr, scale_row_updates, trainable_count
 from graftlm.train.phases import Phase, phase_at
+from graftlm.train.speed import to_device, weight_casts_per_step
 
 
 @dataclass
@@ -105,7 +106,7 @@ class TrainModule:
         scale_row_updates(self.optimizer)
         self._resumed = (None, None)
         self._wrapped = self.accelerator.prepare_model(
-            CausalLMLoss(method.model, chunked=cfg.loss == "chunked", distiller=self.distiller))
+            CausalLMLoss.from_config(method.model, cfg, self.accelerator.device, self.distiller))
         self._params = [p for group in groups for p in group["params"]]
         self.phase = phase
         total = method.model_size()
@@ -118,24 +119,25 @@ class TrainModule:
         """Forward and backward over micro-batches; returns the mean loss over this process's sequences and the
         distillation term's share of it. `local_replay` marks the sequences to distill on (None: no distillation)."""
         cfg, accelerator, wrapped = self.cfg, self.accelerator, self._wrapped
-        tokens = torch.from_numpy(local_batch).to(accelerator.device)
+        tokens = to_device(local_batch, accelerator.device)
         micro_batches = tokens.split(cfg.micro_batch_size)
         replay = [None] * len(micro_batches) if local_replay is None else \
             torch.from_numpy(local_replay).to(accelerator.device).split(cfg.micro_batch_size)
         loss_module = accelerator.unwrap_model(wrapped)
         total = torch.zeros((), device=accelerator.device)
         distilled = torch.zeros((), device=accelerator.device)
-        for i, (micro, flags) in enumerate(zip(micro_batches, replay)):
-            weight = len(micro) / len(tokens)
-            last = i == len(micro_batches) - 1
-            extra = {} if flags is None else {"replay": flags}
-            with contextlib.nullcontext() if last else accelerator.no_sync(wrapped), self.autocast():
-                loss = wrapped(micro[:, :-1], micro[:, 1:], **extra)
-            if torch.isfinite(loss):
-                (loss * weight).backward()
-            total += loss.detach().float() * weight
-            if flags is not None and loss_module.distill_part is not None:
-                distilled += loss_module.distill_part.float() * weight
+        with weight_casts_per_step(cfg, accelerator.device):  # each weight cast to bf16 once per step
+            for i, (micro, flags) in enumerate(zip(micro_batches, replay)):
+                weight = len(micro) / len(tokens)
+                last = i == len(micro_batches) - 1
+                extra = {} if flags is None else {"replay": flags}
+                with contextlib.nullcontext() if last else accelerator.no_sync(wrapped), self.autocast():
+                    loss = wrapped(micro[:, :-1], micro[:, 1:], **extra)
+                if torch.isfinite(loss):
+                    (loss * weight).backward()
+                total += loss.detach().float() * weight
+                if flags is not None and loss_module.distill_part is not None:
+                    distilled += loss_module.distill_part.float() * weight
         return total, distilled
 
     def autocast(self):

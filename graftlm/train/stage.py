@@ -39,6 +39,7 @@ from graftlm.train.ema import EMA
 from graftlm.train.methods import Method
 from graftlm.train.module import TrainModule
 from graftlm.train.phases import plan_phases
+from graftlm.train.speed import prepare_for_speed
 from graftlm.train.trackers import Trackers
 from graftlm.train.trainer import Trainer, TrainerState
 
@@ -136,6 +137,7 @@ def _load_method(recipe, run: RunDir, checkpoint: Path | None, accelerator) -> M
         model.gradient_checkpointing_enable()
         if cfg.method != "full":
             model.enable_input_require_grads()  # recomputed blocks need an input that requires grad
+    prepare_for_speed(model, cfg, accelerator.device)
     model.train()
     return method
 
