@@ -17,6 +17,7 @@ recipe's budget; a variant already trained is skipped like any stage.
 
 from __future__ import annotations
 
+import hashlib
 import html
 import itertools
 import os
@@ -43,6 +44,10 @@ def same_data(a: Recipe, b: Recipe) -> bool:
     `vocab` to what the recipe has already shares the recipe's data)."""
     dump_a, dump_b = a.model_dump(mode="json"), b.model_dump(mode="json")
     return all(dump_a.get(key) == dump_b.get(key) for key in DATA_KEYS)
+
+
+MAX_NAME = 64
+"""The longest variant folder name; longer ones are cut and end in a hash of the whole name."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,8 @@ def make_variants(varies: list[str], zip_values: bool = False) -> list[Variant]:
     for values in combinations:
         name = "_".join(f"{label}-{value}" for label, value in zip(labels, values))
         name = re.sub(r"[^A-Za-z0-9._-]+", "", name.replace(",", "-").replace(" ", ""))
+        if len(name) > MAX_NAME:  # the run's name is the recipe's and the variant's: keep both in a folder name
+            name = f"{name[:MAX_NAME - 9]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
         variants.append(Variant(name, tuple(f"{key}={value}" for key, value in zip(keys, values))))
     if len({v.name for v in variants}) != len(variants):
         raise RecipeError("--vary: two variants would get the same folder name; use simpler values")

@@ -126,3 +126,11 @@ def test_compare_names_and_grids():
     assert [v.overrides for v in zipped] == [("train.method=full", "train.lr=1e-4"),
                                              ("train.method=lora", "train.lr=1e-3")]
     assert pareto_front({"a": (0.1, -0.5), "b": (0.0, -0.3), "c": (0.2, -0.4), "d": (0.0, -0.3)}) == {"a", "b", "d"}
+
+
+def test_long_variant_names_are_cut_and_stay_distinct():
+    from graftlm.compare import MAX_NAME, make_variants
+
+    long = "[{train: embeddings, max_tokens: 8192, lr: 1.0e-3}, {train: all}]"
+    variants = make_variants([f"train.phases={long},{long.replace('8192', '16384')}"])
+    assert all(len(v.name) <= MAX_NAME for v in variants) and len({v.name for v in variants}) == 2
