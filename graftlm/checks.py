@@ -14,6 +14,8 @@ data file is reported at once, not after the base model was exported.
                                token per document), so 2·B < seq_len + 1 cannot make one sequence
     eval.text.<name>, eval.choice.<name>.path, eval.generate.prompts.<lang>, eval.lens.text.<lang>   exist
     curate.language_id.model   exists (backend fasttext)
+    sources.<name>.lang        (curated) has a word tokenizer and its package, a language-ID backend that knows it,
+                               FineWeb2's rehydration weights when `curate.rehydrate: fineweb2`
     report.trackers            each tracker's package is installed
     merge.chat_vector.instruct, merge.chat_vector.base   resolve like base_model
 
@@ -66,6 +68,11 @@ def check_inputs(recipe: "Recipe") -> None:
         _check_file(path, f"eval.lens.text.{lang}")
     if recipe.curate is not None and recipe.curate.language_id.model is not None:
         _check_file(recipe.curate.language_id.model, "curate.language_id.model")
+    if recipe.curated_sources():
+        from graftlm.curate.stage import check_curation  # datatrove: imported only when the recipe curates
+
+        for name in recipe.curated_sources():
+            check_curation(name, recipe.sources[name].lang, recipe.curate)
     check_trackers(recipe.report.trackers)
     chat = recipe.merge.chat_vector if recipe.merge is not None else None
     if chat is not None:

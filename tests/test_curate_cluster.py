@@ -30,7 +30,7 @@ from graftlm.curate.stage import curate_source
 from graftlm.data.config import SourceConfig
 from graftlm.errors import GraftError
 
-VARYING_STATS = ("executor", "seconds", "mb_per_s")
+VARYING_STATS = ("executor", "seconds", "mb_per_s", "fingerprint")  # the fingerprint: the caller's key
 SLURM_OPTIONS = {"partition": "cpu", "time": "1:00:00"}
 
 

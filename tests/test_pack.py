@@ -47,9 +47,10 @@ def test_the_pack_stage_skips_unchanged_sources_and_repacks_a_changed_one(tmp_pa
 
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text(json.dumps({"text": "Xin chào thế giới"}) + "\n")
-    b.write_text(json.dumps({"text": "Hello world"}) + "\n")
+    b.write_text(json.dumps({"text": "Hello world, and hello again to the whole wide world"}) + "\n")
     recipe = validate_recipe({"name": "p", "base_model": str(tiny_model_dir),
-                              "sources": {"a": {"paths": [str(a)]}, "b": {"paths": [str(b)]}}})
+                              "sources": {"a": {"paths": [str(a)]}, "b": {"paths": [str(b)]}},
+                              "train": {"seq_len": 8}})
     run = RunDir.for_recipe(recipe, tmp_path / "runs")
     run_stages(recipe, run, ("pack",))
     stamps = {n: os.stat(run.packed / n / "shard-00000.bin").st_mtime_ns for n in "ab"}

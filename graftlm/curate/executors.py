@@ -110,6 +110,11 @@ def make_executor(config: CurateConfig, job: Job, job_name: str, depends=None):
     return QuietRayExecutor(**common)
 
 
+def jobs_done(config: CurateConfig, jobs: list[Job], job_name: str) -> bool:
+    """Every task of every job has datatrove's completion mark (Slurm jobs that ran while graft was away)."""
+    return all(not make_executor(config, job, job_name).get_incomplete_ranks() for job in jobs)
+
+
 def run_jobs(config: CurateConfig, jobs: list[Job], job_name: str, label: str) -> None:
     """Run the jobs in order (local, ray), or submit them as chained Slurm jobs."""
     if config.executor == "slurm":

@@ -19,13 +19,14 @@ import contextlib
 import os
 import shutil
 from pathlib import Path
+from typing import NoReturn
 
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.writers import JsonlWriter
 
 from graftlm.curate.config import CurateConfig
 from graftlm.curate.dedup import ClusterSizeDedupFilter, buckets_step, cluster_step, minhash_config, signature_step
-from graftlm.curate.executors import Job, run_jobs
+from graftlm.curate.executors import Job, jobs_done, run_jobs
 from graftlm.curate.filters import FILTER_CLASSES, filter_settings, quality_filters
 from graftlm.curate.langid import LanguageIdFilter, check_backend_knows, threshold_for
 from graftlm.curate.reader import IntermediateReader, SourceReader
@@ -88,17 +89,11 @@ def curate_source(run_name: str, name: str, source: SourceConfig, config: Curate
     """Run the curation jobs of one source into `curated/<name>/`, stats.json (holding the fingerprint `key`)
     last."""
     lang = language(source.lang).code
-    _check_word_tokenizer(name, lang)
-    if config.language_id.enabled:
-        check_backend_knows(config.language_id, lang)
-    rehydration_table(config.rehydrate, config.max_repetitions, lang)  # FineWeb2 may have none for the language
+    check_curation(name, lang, config)
     files = resolve_paths(source, name)
     final, work = inside(curated, name), inside(curated, ".work", name)
     tasks = config.tasks or config.workers
     _open_work_dir(work, fingerprint(key, tasks, config.executor))
-    if (work / "submitted.json").is_file():
-        raise GraftError(f"curate: the Slurm jobs that curate '{name}' are still running (logs: {work / 'logs'}); "
-                         f"run again when they are done, or delete {work} to submit them again")
     header = {"source": name, "lang": lang, "fingerprint": key, "files": [file_signature(f) for f in files],
               "executor": config.executor, "tasks": tasks, "settings": _settings(config, lang)}
     jobs = plan_jobs(name, source, lang, config, work, tasks, files)
@@ -106,22 +101,32 @@ def curate_source(run_name: str, name: str, source: SourceConfig, config: Curate
                         {j.name: str(j.logging_dir) for j in jobs})
     jobs.append(Job("finalize", [finalize], 1, work / "logs/finalize"))
     job_name = f"graft-{run_name}-{name}"
-    if not config.submit:
-        script = write_slurm_jobs(config, jobs, job_name, work / "slurm")
-        raise GraftError(f"curate: wrote the Slurm jobs that curate '{name}' without submitting them "
-                         f"(curate.submit is false): `bash {script}` submits them; run the same command again "
-                         f"when they are done")
-    run_jobs(config, jobs, job_name=job_name, label=name)
-    if config.executor == "slurm":
-        write_json_atomic(work / "submitted.json", {"jobs": [j.name for j in jobs]})
-        raise GraftError(f"curate: submitted the curation of '{name}' to Slurm (logs: {work / 'logs'}); "
-                         f"run the same command again when the jobs are done")
+    if config.executor != "slurm":
+        run_jobs(config, jobs, job_name=job_name, label=name)
+    elif not jobs_done(config, jobs, job_name):  # else the Slurm jobs ran: collected below
+        _submit(name, config, jobs, job_name, work)
     stats = read_json(final / "stats.json")
     shutil.rmtree(work, ignore_errors=True)
     with contextlib.suppress(OSError):
         work.parent.rmdir()  # .work/, once no source is left in it
     _log_summary(name, stats)
     return stats
+
+
+def _submit(name: str, config: CurateConfig, jobs: list[Job], job_name: str, work: Path) -> NoReturn:
+    """Submit the Slurm jobs (or write them, with `curate.submit: false`) and stop: the next run collects."""
+    if not config.submit:
+        script = write_slurm_jobs(config, jobs, job_name, work / "slurm")
+        raise GraftError(f"curate: wrote the Slurm jobs that curate '{name}' without submitting them "
+                         f"(curate.submit is false): `bash {script}` submits them; run the same command again "
+                         f"when they are done")
+    if (work / "submitted.json").is_file():
+        raise GraftError(f"curate: the Slurm jobs that curate '{name}' are still running (logs: {work / 'logs'}); "
+                         f"run again when they are done, or delete {work} to submit them again")
+    run_jobs(config, jobs, job_name=job_name, label=name)
+    write_json_atomic(work / "submitted.json", {"jobs": [j.name for j in jobs]})
+    raise GraftError(f"curate: submitted the curation of '{name}' to Slurm (logs: {work / 'logs'}); "
+                     f"run the same command again when the jobs are done")
 
 
 def plan_jobs(name: str, source: SourceConfig, lang: str, config: CurateConfig, work: Path, tasks: int,
@@ -207,6 +212,15 @@ def _open_work_dir(work: Path, key: str) -> None:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     marker.write_text(key)
+
+
+def check_curation(name: str, lang: str, config: CurateConfig) -> None:
+    """What curating source `name` in `lang` needs, checked before any work: its word tokenizer, a language-ID
+    backend that knows the language, FineWeb2's rehydration weights when asked for."""
+    _check_word_tokenizer(name, lang)
+    if config.language_id.enabled:
+        check_backend_knows(config.language_id, lang)
+    rehydration_table(config.rehydrate, config.max_repetitions, lang)  # FineWeb2 may have none for the language
 
 
 def _check_word_tokenizer(name: str, lang: str) -> None:
