@@ -12,6 +12,7 @@ from graftlm.base.stage import Base
 from graftlm.curate.stage import Curate
 from graftlm.data.stage import Pack
 from graftlm.merge.stage import Merge
+from graftlm.plan.stage import Plan
 from graftlm.report.stage import Report
 from graftlm.stage import Stage, bring_up_to_date
 from graftlm.train.stage import Train
@@ -21,7 +22,8 @@ if TYPE_CHECKING:
     from graftlm.recipe import Recipe
     from graftlm.runs import RunDir
 
-STAGES: dict[str, type[Stage]] = {stage.name: stage for stage in (Base, Curate, Vocab, Pack, Train, Merge, Report)}
+STAGES: dict[str, type[Stage]] = {stage.name: stage for stage in (Base, Curate, Vocab, Pack, Plan, Train, Merge,
+                                                                          Report)}
 """Every stage, dependencies first."""
 PREPARE_STAGES = tuple(name for name, stage in STAGES.items() if stage.prepares_data)
 """What `graft prepare` runs: everything up to packed training data."""

@@ -85,6 +85,12 @@ def eval_every(recipe: "Recipe") -> int:
     return max(1, pilot_steps(recipe, plan.pilot_tokens) // plan.eval_points)
 
 
+def pilot_checkpoint_every(recipe: "Recipe") -> int:
+    """Steps between a pilot's checkpoints: `plan.checkpoint_every`, else a quarter of a fitted pilot's steps."""
+    plan = plan_of(recipe)
+    return plan.checkpoint_every or math.ceil(pilot_steps(recipe, plan.pilot_tokens) / 4)
+
+
 def pilot_weights(recipe: "Recipe", ratio: float | dict[str, float]) -> dict[str, float]:
     """The mixture at a target share (or a mapping of varied shares): the varied sources get it (split among the
     target language's sources by their relative weights), the others share what is left by theirs."""

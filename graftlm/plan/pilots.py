@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from graftlm.errors import RecipeError
-from graftlm.plan.checks import check_plan, eval_every, pilot_steps, pilot_warmup, pilot_weights, plan_of
+from graftlm.plan.checks import (check_plan, eval_every, pilot_checkpoint_every, pilot_steps, pilot_warmup,
+                                 pilot_weights, plan_of)
 from graftlm.plan.choose import Plan
 from graftlm.plan.laws import PlanError, Point
 from graftlm.recipe import Recipe, apply_override, validate_recipe
@@ -77,10 +78,14 @@ def pilot_variants(recipe: Recipe) -> list[Pilot]:
 
 def pilot_overrides(recipe: Recipe, weights: dict[str, float], tokens: int, validation: bool = False) -> list[str]:
     """The recipe overrides of one pilot: its mixture and length, a constant learning rate after warmup, its
-    evaluations; no EMA, merge or plan (a pilot's curve follows the trained weights, and it is only trained)."""
+    evaluations of the text sets (the laws fit bits per byte: no choice sets), its checkpoints (one kept: it only
+    serves to resume an interrupted pilot); no EMA, merge or plan (a pilot's curve follows the trained weights,
+    and it is only trained)."""
     overrides = _training(recipe, weights, tokens, {"name": "constant", "warmup_steps": pilot_warmup(recipe)})
     # the validation pilot only needs its last point; the fitted pilots their whole curves
-    return overrides + ["train.ema=null", "merge=null", f"eval.every={'null' if validation else eval_every(recipe)}"]
+    return overrides + ["train.ema=null", "merge=null", f"eval.every={'null' if validation else eval_every(recipe)}",
+                        "eval.choice={}", f"train.checkpoint_every={pilot_checkpoint_every(recipe)}",
+                        "train.keep_checkpoints=1"]
 
 
 def _training(recipe: Recipe, weights: dict[str, float], tokens: int, schedule: dict) -> list[str]:
