@@ -65,7 +65,8 @@ class Plan(Stage):
         run_plan(self.recipe, folder, self._train_pilot, key)
         changed = prepared_differently(self.recipe, load_recipe(folder / "recipe.yaml"), self.run_dir, self.stages)
         if changed:
-            (folder / "plan.json").unlink()
+            for name in PLAN_FILES:
+                (folder / name).unlink()
             raise GraftError(f"plan: the planned recipe would prepare its data again ({', '.join(changed)} "
                              f"changed): it must change only the mixture's weights and the training")
 
