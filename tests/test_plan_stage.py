@@ -91,6 +91,8 @@ def test_graft_plan_trains_the_pilots_on_shared_data_and_writes_the_plan(planned
     assert planned_recipe.mixture.weights["vi"] == pytest.approx(data["chosen"]["ratio"])
     assert planned_recipe.train.max_tokens == 1024 and planned_recipe.train.schedule.name == "wsd"
     assert prepared_differently(recipe, planned_recipe, run, STAGES) == []  # it trains on the same packed data
+    assert prepared_differently(recipe, load_recipe(path, ["sources.vi.max_documents=10"]), run, STAGES) == [
+        "pack vi"]
     assert (run.plan / "report.html").read_text().count("data:image/png;base64,") == 2
     assert f"train it: graft run {planned_path} --runs-dir {runs}" in " ".join(err.split())
     assert not run.model.exists()  # graft plan trains only the pilots
