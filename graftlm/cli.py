@@ -32,9 +32,9 @@ FreshOpt = typer.Option(False, "--fresh", help="Discard the training checkpoints
 
 
 def _run_stages(recipe: Optional[Path], overrides: List[str], runs_dir: Path, stages: tuple[str, ...] | None = None,
-                section: str | None = None, hint: str = "", fresh: bool = False):
+                section: str | None = None, hint: str = "", fresh: bool = False, fresh_stage: str = "train"):
     """Load the recipe and bring `stages` (all by default) and the stages they need up to date in its run
-    directory; `section` must be in the recipe."""
+    directory; `section` must be in the recipe; `fresh` redoes `fresh_stage`."""
     from graftlm.pipeline import STAGES, run_stages
     from graftlm.runs import RunDir
 
@@ -42,15 +42,40 @@ def _run_stages(recipe: Optional[Path], overrides: List[str], runs_dir: Path, st
     if section is not None and getattr(loaded, section) is None:
         raise GraftError(f"{section}: the recipe has no {section} section (add one, or --set {hint})")
     run_dir = RunDir.for_recipe(loaded, runs_dir)
-    run_stages(loaded, run_dir, stages or tuple(STAGES), options={"train": {"fresh": fresh}})
+    run_stages(loaded, run_dir, stages or tuple(STAGES), options={fresh_stage: {"fresh": fresh}})
     return run_dir
 
 
 @app.command()
 def run(recipe: Optional[Path] = RecipeArg, set_: List[str] = SetOpt, runs_dir: Path = RunsOpt,
         fresh: bool = FreshOpt) -> None:
-    """Run every stage of a recipe in order into runs/<name>/, skipping stages already complete."""
+    """Run every stage of a recipe in order into runs/<name>/, skipping stages already complete. A recipe with a
+    plan: section is planned first; then the planned recipe is trained (plan.apply: true) or the command that
+    trains it is printed (plan.apply: false)."""
+    loaded = _load(recipe, set_)
+    if loaded.plan is not None:
+        from graftlm.plan.stage import next_steps, planned_recipe_path
+
+        run_dir = _run_stages(recipe, set_, runs_dir, ("plan",))
+        log(next_steps(run_dir, runs_dir, command=not loaded.plan.apply))
+        if not loaded.plan.apply:
+            log("run: stopped after the plan (plan.apply: false)")
+            return
+        recipe, set_ = planned_recipe_path(run_dir), []
+        log(f"run: training the planned recipe {recipe} (plan.apply: true)")
     log(f"run: done -> {_run_stages(recipe, set_, runs_dir, fresh=fresh).root}")
+
+
+@app.command()
+def plan(recipe: Optional[Path] = RecipeArg, set_: List[str] = SetOpt, runs_dir: Path = RunsOpt,
+         fresh: bool = typer.Option(False, "--fresh", help="Train every pilot from the start again.")) -> None:
+    """Choose the target share of the mixture and plan the budget: short pilot runs at several shares, a scaling
+    law fitted to their curves, the planned recipe in runs/<name>/plan/ (its data prepared first when needed)."""
+    from graftlm.plan.stage import next_steps
+
+    run_dir = _run_stages(recipe, set_, runs_dir, ("plan",), "plan", "plan.ratios=[0.5,0.7,0.85,1.0]", fresh,
+                          fresh_stage="plan")
+    log(next_steps(run_dir, runs_dir))
 
 
 @app.command()

@@ -14,6 +14,7 @@ from graftlm.checks import check_inputs
 from graftlm.curate.stage import Curate
 from graftlm.data.stage import Pack
 from graftlm.merge.stage import Merge
+from graftlm.plan.stage import Plan
 from graftlm.report.stage import Report
 from graftlm.runs import remove_stale_tree
 from graftlm.stage import Stage, bring_up_to_date
@@ -24,7 +25,8 @@ if TYPE_CHECKING:
     from graftlm.recipe import Recipe
     from graftlm.runs import RunDir
 
-STAGES: dict[str, type[Stage]] = {stage.name: stage for stage in (Base, Curate, Vocab, Pack, Train, Merge, Report)}
+STAGES: dict[str, type[Stage]] = {stage.name: stage for stage in (Base, Curate, Vocab, Pack, Plan, Train, Merge,
+                                                                          Report)}
 """Every stage, dependencies first."""
 PREPARE_STAGES = tuple(name for name, stage in STAGES.items() if stage.prepares_data)
 """What `graft prepare` runs: everything up to packed training data."""

@@ -23,6 +23,7 @@ from graftlm.errors import RecipeError
 from graftlm.evaluate.config import EvalConfig
 from graftlm.languages import language_or_none
 from graftlm.merge.config import MergeConfig
+from graftlm.plan.checks import check_plan
 from graftlm.plan.config import PlanConfig
 from graftlm.report.config import ReportConfig
 from graftlm.train.config import TrainConfig
@@ -114,6 +115,12 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _one_target_language(self) -> "Recipe":
         self._target = self._find_target()
+        return self
+
+    @model_validator(mode="after")
+    def _plan_fits_the_recipe(self) -> "Recipe":
+        if self.plan is not None:
+            check_plan(self)  # after the target language: the plan varies its share
         return self
 
     def _find_target(self) -> str:

@@ -4,6 +4,7 @@
     runs/<name>/base/            the base model as a plain Hugging Face folder
     runs/<name>/curated/ vocab/ packed/ checkpoints/ model/ adapter/ merged/ compare/
     runs/<name>/corrupt/         checkpoints that failed their verification, moved aside (never deleted)
+    runs/<name>/plan/            plan.json, the planned recipe.yaml, report.html; pilots/<pilot>/ run directories
     runs/<name>/metrics.jsonl    one JSON object per logged step or evaluation
     runs/<name>/report.html
 
@@ -52,6 +53,7 @@ class RunDir:
     model = property(lambda self: self.root / "model")
     adapter = property(lambda self: self.root / "adapter")
     merged = property(lambda self: self.root / "merged")
+    plan = property(lambda self: self.root / "plan")
     metrics = property(lambda self: self.root / "metrics.jsonl")
     report = property(lambda self: self.root / "report.html")
     timings = property(lambda self: self.root / "timings.json")

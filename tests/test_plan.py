@@ -323,7 +323,7 @@ def test_read_points_keeps_the_trained_weights_evaluations(tmp_path):
 
 def test_pilots_and_the_planned_recipe_replace_every_phase_schedule():
     recipe = demo("plan={pilot_tokens: 60000}",
-                  "train.stages=[{train: embeddings, max_steps: 4, schedule: {name: cosine}}, {train: all}]")
+                  "train.phases=[{train: embeddings, max_steps: 4, schedule: {name: cosine}}, {train: all}]")
     pilot = P.pilot_recipe(recipe, P.pilot_variants(recipe)[0])
     assert [p.schedule for p in pilot.train.phases] == [None, None]  # each phase follows the constant schedule
     assert pilot.train.schedule.name == "constant"
@@ -354,3 +354,30 @@ def test_run_plan_trains_every_pilot_reads_their_metrics_and_writes_the_plan(tmp
                                                                      "report.html"]
     assert [p["points"] for p in data["pilots"]] == [9] * 4  # the start model and 8 evaluations
     assert data["validation"]["tokens"] == 81_920 and abs(data["validation"]["error"]["en"]) < 0.01
+
+
+def test_the_bundled_plan_recipe_plans_the_demo_within_its_time():
+    """recipes/plan-vi.yaml: the demo's data and model, four fitted pilots of at least 8 evaluated steps and a
+    validation pilot past them and between their shares; about 100k tokens and 38 evaluations of 100 FLORES
+    sentences a language, what 2 quiet CPU cores (~200 tokens/s, a few seconds an evaluation) do in 30 minutes."""
+    from conftest import REPO
+
+    recipe = load_recipe(REPO / "recipes/plan-vi.yaml")
+    demo_recipe = load_recipe(REPO / "recipes/demo-vi.yaml")
+    assert (recipe.sources, recipe.base_model, recipe.curate) == (demo_recipe.sources, demo_recipe.base_model,
+                                                                  demo_recipe.curate)
+    pilots = P.pilot_variants(recipe)
+    fitted = [p for p in pilots if not p.validation]
+    (validation,) = [p for p in pilots if p.validation]
+    assert [p.ratio for p in fitted] == [0.5, 0.7, 0.85, 1.0]
+    assert validation.tokens > max(p.tokens for p in fitted) and 0.5 < validation.ratio < 1.0
+    evaluations = 0
+    for pilot in pilots:
+        r = P.pilot_recipe(recipe, pilot)
+        steps = r.train.total_steps
+        evaluations += 1 + (steps // r.eval.every if r.eval.every else 1)
+        assert r.eval.max_documents == 100 and r.eval.choice == {} and r.eval.dtype == "bfloat16"
+        assert pilot.validation or steps // r.eval.every >= 8
+    tokens = sum(p.tokens for p in pilots)
+    assert tokens / 200 + evaluations * 2 * 5 < 30 * 60
+    assert recipe.plan.budget_tokens == demo_recipe.train.max_tokens

@@ -94,6 +94,9 @@ class PlanConfig(Section):
     warmup_steps: int | None = Field(default=None, ge=0)
     """The pilots' linear warmup before the constant learning rate; the same in every pilot, so that a prefix of a
     longer pilot is what a shorter one gives. Default: `train.schedule`'s warmup over a pilot's steps."""
+    checkpoint_every: int | None = Field(default=None, ge=1)
+    """Steps between a pilot's checkpoints, from which an interrupted pilot resumes. Default: a quarter of a fitted
+    pilot's steps."""
     lr: float | None = Field(default=None, gt=0)
     """The pilots' constant learning rate, and the planned run's peak. Default: `train.lr`."""
     restarts: int = Field(default=8, ge=1)

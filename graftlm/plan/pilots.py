@@ -14,15 +14,15 @@ pilot is `pilot_recipe(recipe, pilot)` or `load_recipe(path, [*overrides, *pilot
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from graftlm.errors import RecipeError
+from graftlm.plan.checks import (check_plan, eval_every, pilot_checkpoint_every, pilot_steps, pilot_warmup,
+                                 pilot_weights, plan_of)
 from graftlm.plan.choose import Plan
-from graftlm.plan.config import PlanConfig
 from graftlm.plan.laws import PlanError, Point
 from graftlm.recipe import Recipe, apply_override, validate_recipe
 from graftlm.runs import RunDir
@@ -45,97 +45,9 @@ class Pilot:
     """The validation pilot: not fitted, measured against the prediction."""
 
 
-def plan_of(recipe: Recipe) -> PlanConfig:
-    if recipe.plan is None:
-        raise RecipeError("plan: the recipe has no plan: section (e.g. plan: {ratios: [0.5, 0.7, 0.85, 1.0]})")
-    return recipe.plan
-
-
-def varied_sources(recipe: Recipe) -> list[str]:
-    """The sources whose shares the pilots set: `plan.vary`, else the target language's sources."""
-    plan = plan_of(recipe)
-    if plan.vary:
-        return list(plan.vary)
-    target = recipe.target_language
-    return [name for name in recipe.mixture_weights() if (recipe.sources[name].lang or name) == target]
-
-
-def check_plan(recipe: Recipe) -> PlanConfig:
-    """The checks of `plan:` that need the rest of the recipe, each a RecipeError naming its key."""
-    plan = plan_of(recipe)
-    for name in plan.vary:
-        if name not in recipe.sources:
-            raise RecipeError(f"plan.vary: '{name}' is not a source (sources: {', '.join(recipe.sources)})")
-    if len(recipe.mixture_weights()) < 2:
-        raise RecipeError("plan: the mixture has one source: there is no share to choose (add a replay source)")
-    target = recipe.target_language
-    if plan.law != "mixing" and any((recipe.sources[n].lang or n) != target for n in plan.vary):
-        raise RecipeError(f"plan.vary: law {plan.law} fits the target language's share ('{target}'): vary one of its "
-                          f"sources, or use law: mixing to vary another share")
-    rest = [n for n in recipe.mixture_weights() if n not in varied_sources(recipe)]
-    if not rest:
-        raise RecipeError("plan.vary: every source of the mixture is varied: leave at least one replay source out "
-                          "of plan.vary, to take what the shares leave")
-    if target not in recipe.eval.text:
-        raise RecipeError(f"eval.text: the plan needs a set of the target language '{target}' (its key is the "
-                          f"language, e.g. {target}: eval/{target}.txt)")
-    if len(recipe.eval.text) < 2:
-        raise RecipeError("eval.text: the plan needs a source-language set besides the target language's (e.g. "
-                          "en: eval/en.txt): its bits per byte are what the tolerance holds")
-    steps = pilot_steps(recipe, plan.pilot_tokens)
-    if steps < plan.eval_points:
-        raise RecipeError(f"plan.pilot_tokens: {plan.pilot_tokens:,} tokens are {steps} optimizer steps of "
-                          f"train.batch_tokens {recipe.train.batch_tokens:,}, fewer than plan.eval_points "
-                          f"({plan.eval_points}): raise plan.pilot_tokens or lower train.batch_tokens")
-    if pilot_warmup(recipe) >= steps:
-        raise RecipeError(f"plan.warmup_steps: {pilot_warmup(recipe)} warmup steps leave no constant learning rate "
-                          f"in a pilot of {steps} steps")
-    for ratio in [*plan.ratios, *([plan.validation.ratio] if plan.validation else [])]:
-        pilot_weights(recipe, ratio)
-    return plan
-
-
-def pilot_steps(recipe: Recipe, tokens: int) -> int:
-    return math.ceil(tokens / recipe.train.batch_tokens)
-
-
-def pilot_warmup(recipe: Recipe) -> int:
-    """The pilots' warmup in steps: `plan.warmup_steps`, else `train.schedule`'s over a fitted pilot's steps."""
-    plan = plan_of(recipe)
-    if plan.warmup_steps is not None:
-        return plan.warmup_steps
-    return recipe.train.schedule.warmup(pilot_steps(recipe, plan.pilot_tokens))
-
-
-def eval_every(recipe: Recipe) -> int:
-    """Steps between a fitted pilot's evaluations: at least `plan.eval_points` of them after the start model's."""
-    plan = plan_of(recipe)
-    return max(1, pilot_steps(recipe, plan.pilot_tokens) // plan.eval_points)
-
-
-def pilot_weights(recipe: Recipe, ratio: float | dict[str, float]) -> dict[str, float]:
-    """The mixture at a target share (or a mapping of varied shares): the varied sources get it (split among the
-    target language's sources by their relative weights), the others share what is left by theirs."""
-    weights = recipe.mixture_weights()
-    varied = varied_sources(recipe)
-    if isinstance(ratio, dict):
-        shares = dict(ratio)
-    else:
-        total = sum(weights[n] for n in varied)
-        shares = {n: ratio * (weights[n] / total if total > 0 else 1 / len(varied)) for n in varied}
-    rest = {n: w for n, w in weights.items() if n not in shares}
-    left = 1.0 - sum(shares.values())
-    total = sum(rest.values())
-    if left > 1e-9 and total <= 0:
-        raise RecipeError(f"mixture: the sources that take what the shares leave ({', '.join(rest)}) all have weight "
-                          f"0: give them weights, their relative shares")
-    return {**{n: round(s, 6) for n, s in shares.items()},
-            **{n: round(left * w / total, 6) if total > 0 else 0.0 for n, w in rest.items()}}
-
-
 def _target_share(recipe: Recipe, weights: dict[str, float]) -> float:
     target = recipe.target_language
-    return round(sum(w for n, w in weights.items() if (recipe.sources[n].lang or n) == target), 6)
+    return round(sum(w for n, w in weights.items() if recipe.language_of(n) == target), 6)
 
 
 def _name(ratio: float | dict[str, float]) -> str:
@@ -166,10 +78,14 @@ def pilot_variants(recipe: Recipe) -> list[Pilot]:
 
 def pilot_overrides(recipe: Recipe, weights: dict[str, float], tokens: int, validation: bool = False) -> list[str]:
     """The recipe overrides of one pilot: its mixture and length, a constant learning rate after warmup, its
-    evaluations; no EMA, merge or plan (a pilot's curve follows the trained weights, and it is only trained)."""
+    evaluations of the text sets (the laws fit bits per byte: no choice sets), its checkpoints (one kept: it only
+    serves to resume an interrupted pilot); no EMA, merge or plan (a pilot's curve follows the trained weights,
+    and it is only trained)."""
     overrides = _training(recipe, weights, tokens, {"name": "constant", "warmup_steps": pilot_warmup(recipe)})
     # the validation pilot only needs its last point; the fitted pilots their whole curves
-    return overrides + ["train.ema=null", "merge=null", f"eval.every={'null' if validation else eval_every(recipe)}"]
+    return overrides + ["train.ema=null", "merge=null", f"eval.every={'null' if validation else eval_every(recipe)}",
+                        "eval.choice={}", f"train.checkpoint_every={pilot_checkpoint_every(recipe)}",
+                        "train.keep_checkpoints=1"]
 
 
 def _training(recipe: Recipe, weights: dict[str, float], tokens: int, schedule: dict) -> list[str]:

@@ -28,11 +28,12 @@ CHOSEN_COLOR = "#111"
 
 
 def write_plan(folder: str | os.PathLike, recipe: Recipe, plan: Plan, points: list[Point],
-               validation: list[Point] | None = None) -> dict:
-    """Write recipe.yaml, report.html and plan.json into `folder`; returns plan.json's content."""
+               validation: list[Point] | None = None, key: str | None = None) -> dict:
+    """Write recipe.yaml, report.html and plan.json into `folder`; returns plan.json's content (with
+    `"fingerprint": key` when given: plan.json is the plan stage's marker)."""
     folder = Path(folder)
     planned = planned_recipe(recipe, plan)
-    data = plan.to_json()
+    data = plan.to_json() | ({"fingerprint": key} if key is not None else {})
     write_text_atomic(folder / "recipe.yaml", planned.to_yaml())
     write_text_atomic(folder / "report.html", report_page(recipe, plan, data, points, validation or []))
     write_json_atomic(folder / "plan.json", data)
@@ -42,7 +43,7 @@ def write_plan(folder: str | os.PathLike, recipe: Recipe, plan: Plan, points: li
 def summary(data: dict) -> str:
     """The plan in two lines, for the terminal."""
     chosen = data["chosen"]
-    sources = ", ".join(f"{s} {v:.4f} (+{chosen['max_source_rise'][s]:.4f} at most)"
+    sources = ", ".join(f"{s} {v:.4f} (rise {chosen['max_source_rise'][s]:+.4f} at most)"
                         for s, v in chosen["predicted_source_bpb"].items())
     line = (f"plan ({data['law']}): target share {_share(chosen['ratio'])}, {chosen['budget_tokens']:,} tokens; "
             f"predicted at {chosen['predicted_at_tokens']:,} tokens: {data['target']} "

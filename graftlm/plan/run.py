@@ -16,7 +16,7 @@ from typing import Callable
 
 from graftlm.plan.choose import make_plan
 from graftlm.plan.pilots import pilot_recipe, pilot_variants, read_points
-from graftlm.plan.report import summary, write_plan
+from graftlm.plan.report import write_plan
 from graftlm.progress import log
 from graftlm.recipe import Recipe
 
@@ -25,9 +25,10 @@ def pilot_dir(folder: str | os.PathLike, name: str) -> Path:
     return Path(folder) / "pilots" / name
 
 
-def run_plan(recipe: Recipe, folder: str | os.PathLike, train_pilot: Callable[[Recipe, Path], None]) -> dict:
-    """Train every pilot of `recipe.plan` with `train_pilot`, then fit, choose and write the plan into `folder`;
-    returns plan.json's content."""
+def run_plan(recipe: Recipe, folder: str | os.PathLike, train_pilot: Callable[[Recipe, Path], None],
+             key: str | None = None) -> dict:
+    """Train every pilot of `recipe.plan` with `train_pilot`, then fit, choose and write the plan into `folder`
+    (plan.json holding `"fingerprint": key`, the plan stage's marker); returns plan.json's content."""
     pilots = pilot_variants(recipe)
     for i, pilot in enumerate(pilots):
         log(f"plan: pilot {i + 1}/{len(pilots)}: {pilot.name} ({pilot.tokens:,} tokens, mixture "
@@ -36,6 +37,4 @@ def run_plan(recipe: Recipe, folder: str | os.PathLike, train_pilot: Callable[[R
     fitted = [p for pilot in pilots if not pilot.validation for p in read_points(pilot_dir(folder, pilot.name), pilot)]
     validation = [p for pilot in pilots if pilot.validation for p in read_points(pilot_dir(folder, pilot.name), pilot)]
     plan = make_plan(recipe.plan, fitted, recipe.target_language, validation or None)
-    data = write_plan(folder, recipe, plan, fitted, validation)
-    log(summary(data))
-    return data
+    return write_plan(folder, recipe, plan, fitted, validation, key)
