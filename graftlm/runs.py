@@ -354,7 +354,7 @@ def hold_run(root: str | os.PathLike) -> Iterator[None]:
     two processes hold two locks). A process started by `fork` keeps the lock while it lives (a curation worker still
     writing). Under `accelerate launch` only the main process (RANK 0) takes it, for the whole job; the other
     processes write nothing of the run themselves. Re-entrant within a process."""
-    if os.environ.get("RANK", "0") != "0":
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0":
         yield
         return
     root = Path(root)

@@ -72,10 +72,15 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_holders_lock_is
         message = str(e.value)
         assert "\n" not in message and message.startswith(f"{root}: another graft command is writing into this run")
         assert f"PID {holder.pid} on {socket.gethostname()}, `-c`" in message
-        monkeypatch.setenv("RANK", "1")  # a non-main process of a job: the main one holds the lock for it
+        monkeypatch.setenv("RANK", "1")
+        with pytest.raises(RunLocked):  # a RANK alone does not make a job
+            with hold_run(root):
+                pass
+        monkeypatch.setenv("WORLD_SIZE", "2")  # a non-main process of a job: the main one holds the lock for it
         with hold_run(root):
             pass
         monkeypatch.delenv("RANK")
+        monkeypatch.delenv("WORLD_SIZE")
     finally:
         holder.send_signal(signal.SIGKILL)  # killed: it never releases the lock; the system does
         holder.wait()
@@ -292,3 +297,51 @@ def test_several_processes_stop_after_the_same_step_and_resume(recipe_path, tmp_
     assert losses(run).keys() == losses(single).keys()
     for step, loss in losses(single).items():
         assert losses(run)[step] == pytest.approx(loss, rel=1e-5)
+
+
+# ---- a few kills of `graft run` (bench/kill_suite.py runs 25, at random points of every stage) ----------------
+
+def _kill_suite():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kill_suite", REPO / "bench/kill_suite.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kill_suite"] = module  # (its dataclasses look their module up)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_graft_run_killed_then_stopped_ends_identical_to_an_uninterrupted_run(tmp_path, tiny_model_dir,
+                                                                              monkeypatch, capsys):
+    suite = _kill_suite()
+    light = "\n".join(line for line in suite.RECIPE.splitlines() if not line.startswith(("curate:", "vocab:")))
+    path = suite.write_recipe(tmp_path, tiny_model_dir, light)  # the stages base, pack, train, merge, report
+    reference = RunDir(tmp_path / "reference/kill")
+    code, _, err = run_graft(monkeypatch, capsys, "run", str(path), "--runs-dir", str(reference.root.parent))
+    assert code == 0, err
+    expected = suite.Outcome.of(reference.root)
+    ends = {stage: count for stage, count in suite.end_lines().items() if stage not in ("curate", "vocab")}
+    run = RunDir(tmp_path / "runs/kill")
+
+    # SIGKILL to the whole process group while it packs (or just after)
+    first = suite.GraftRun(path, run.root.parent, ends)
+    while first.proc.poll() is None and first.stage_started_at("pack") is None:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    os.killpg(first.proc.pid, signal.SIGKILL)
+    assert first.wait()[0] == -signal.SIGKILL
+    # run again, and SIGTERM it once it trained 6 steps: it checkpoints, says so in one line, exits 143
+    second = suite.GraftRun(path, run.root.parent, ends)
+    while second.proc.poll() is None and max(losses(run), default=0) < 6:
+        time.sleep(0.02)
+    os.killpg(second.proc.pid, signal.SIGTERM)
+    rc, output = second.wait()
+    assert rc == 143 and output.count("stopped: train: stopped by SIGTERM") == 1 and "Traceback" not in output, \
+        output[-2000:]
+    assert not suite.leftovers(run.root)
+    # and again, to the end
+    code, _, err = run_graft(monkeypatch, capsys, "run", str(path), "--runs-dir", str(run.root.parent))
+    assert code == 0 and "resuming from step-" in err, err
+    outcome = suite.Outcome.of(run.root)
+    assert outcome.same_weights(expected) and set(outcome.weights) == {"model", "merged"}
+    assert outcome.losses == expected.losses and outcome.evaluations == expected.evaluations
