@@ -251,15 +251,18 @@ def run_trial(trial: Trial, workdir: Path, recipe: Path, reference: Outcome, len
 
 
 def plan_trials(kills: int, terms: int, seed: int, lengths: dict[str, float]) -> list[Trial]:
-    """Signals in a seeded random order; target stages taking turns; a random point of the target's length."""
+    """Signals in a seeded random order; for each kind of signal the target stages take turns (from a random
+    first one), so that SIGTERMs too reach as many stages as there are of them; a random point of the target's
+    usual length (at most 90% of it: the machine's noise would push more of them into the next stage)."""
     rng = random.Random(seed)
     signals = ["SIGKILL"] * kills + ["SIGTERM"] * terms
     rng.shuffle(signals)
-    offset = rng.randrange(len(STAGES))
+    turns = {name: rng.randrange(len(STAGES)) for name in ("SIGKILL", "SIGTERM")}
     trials = []
     for i, name in enumerate(signals):
-        target = STAGES[(i + offset) % len(STAGES)]
-        trials.append(Trial(i + 1, name, target, round(rng.uniform(0, max(lengths[target], 0.05)), 2)))
+        target = STAGES[turns[name] % len(STAGES)]
+        turns[name] += 1
+        trials.append(Trial(i + 1, name, target, round(rng.uniform(0, 0.9) * max(lengths[target], 0.05), 2)))
     return trials
 
 
