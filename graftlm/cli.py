@@ -192,7 +192,11 @@ def _lang_paths(option: str, values: List[str]) -> dict[str, str]:
 def train(recipe: Optional[Path] = RecipeArg, set_: List[str] = SetOpt, runs_dir: Path = RunsOpt,
           fresh: bool = FreshOpt) -> None:
     """Continue pre-training on the recipe's mixture (preparing its data first when needed); resumes from the
-    latest checkpoint by itself."""
+    latest checkpoint by itself.
+
+    SIGTERM, SIGUSR1 (Slurm's warning before it kills a job) or Ctrl-C finish the current step, write a checkpoint
+    and exit with 128 + the signal's number (143, 138, 130); run the same command again to resume exactly. A second
+    signal stops at once (the last checkpoint stays). Exit 2: another graft command is writing into the run."""
     _run_stages(recipe, set_, runs_dir, ("train",), fresh=fresh)
 
 
@@ -232,8 +236,12 @@ def recipe_show(recipe: Optional[Path] = RecipeArg, set_: List[str] = SetOpt) ->
 
 
 def main() -> None:
+    from graftlm.signals import Stopped
+
     try:
         app()
+    except Stopped as e:  # a scheduler's SIGTERM, Ctrl-C: not an error, and the same command continues
+        _fail(str(e), e.exit_code, "[bold yellow]stopped:[/]")
     except GraftError as e:
         _fail(str(e), e.exit_code)
     except OSError as e:  # the machine, not the recipe: a read-only folder, a full disk, a permission
@@ -243,11 +251,11 @@ def main() -> None:
         sys.exit(130)
 
 
-def _fail(message: str, code: int) -> None:
+def _fail(message: str, code: int, label: str = "[bold red]error:[/]") -> None:
     from rich.markup import escape
 
     message = "; ".join(line.strip() for line in message.splitlines() if line.strip())  # one line, always
-    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    console.print(f"{label} {escape(message)}", soft_wrap=True)
     sys.exit(code)
 
 

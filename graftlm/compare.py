@@ -32,7 +32,8 @@ from graftlm.recipe import Recipe, load_recipe
 from graftlm.report import plots
 from graftlm.report.page import STYLE, embed_png, html_table, target_bytes_per_s
 from graftlm.report.verdict import Verdict, compute_verdict
-from graftlm.runs import RunDir, write_json_atomic, write_text_atomic
+from graftlm.runs import RunDir, hold_run, write_json_atomic, write_text_atomic
+from graftlm.signals import stop_on_signals
 from graftlm.stage import link_prepared
 
 DATA_KEYS = tuple(dict.fromkeys(key for name in PREPARE_STAGES for key in STAGES[name].recipe_keys))
@@ -116,6 +117,12 @@ def run_compare(recipe_path: Path | None, overrides: list[str], varies: list[str
     variants = make_variants(varies, zip_values)
     loaded = [(v, load_recipe(recipe_path, [*overrides, *v.overrides, f"name={recipe.name}-{v.name}"]))
               for v in variants]  # every variant's recipe is checked before any work
+    with hold_run(parent.root), stop_on_signals():  # the variants' folders are inside the recipe's run
+        return _run_variants(recipe, parent, loaded)
+
+
+def _run_variants(recipe: Recipe, parent: RunDir, loaded: list[tuple[Variant, Recipe]]) -> Path:
+    variants = [variant for variant, _ in loaded]
     if any(same_data(recipe, variant_recipe) for _, variant_recipe in loaded):
         run_stages(recipe, parent, PREPARE_STAGES)
     runs: dict[str, tuple[Variant, Recipe, RunDir]] = {}

@@ -16,7 +16,8 @@ from graftlm.data.stage import Pack
 from graftlm.merge.stage import Merge
 from graftlm.plan.stage import Plan
 from graftlm.report.stage import Report
-from graftlm.runs import remove_stale_tree
+from graftlm.runs import hold_run, remove_stale_tree
+from graftlm.signals import stop_on_signals
 from graftlm.stage import Stage, bring_up_to_date
 from graftlm.train.stage import Train
 from graftlm.vocab.stage import Vocab
@@ -35,8 +36,11 @@ PREPARE_STAGES = tuple(name for name, stage in STAGES.items() if stage.prepares_
 def run_stages(recipe: "Recipe", run: "RunDir", stages: Sequence[str] = tuple(STAGES),
                options: dict[str, dict] | None = None, needs: bool = True) -> None:
     """Bring `stages` (and, with `needs`, the stages they need) up to date; `options[stage]` are that stage's
-    keyword arguments (`fresh=True` for train). What can be checked before any work is checked first."""
+    keyword arguments (`fresh=True` for train). What can be checked before any work is checked first; then the run
+    directory's lock is held (a second writer is refused) and SIGTERM, SIGUSR1, SIGINT stop the command cleanly
+    (graftlm/signals.py)."""
     check_inputs(recipe)  # a missing file or a seq_len too long is said now, not after the base export
-    if os.environ.get("RANK", "0") == "0":
-        remove_stale_tree(run.root)  # what killed runs left half-written (*.tmp-PID: 517 MB each with the default)
-    bring_up_to_date(recipe, run, STAGES, stages, options, needs)
+    with hold_run(run.root), stop_on_signals():  # the one writer of the run; a signal stops it cleanly
+        if os.environ.get("RANK", "0") == "0":
+            remove_stale_tree(run.root)  # what killed runs left half-written (*.tmp-PID: 517 MB each by default)
+        bring_up_to_date(recipe, run, STAGES, stages, options, needs)

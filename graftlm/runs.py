@@ -240,10 +240,13 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+def write_text_atomic(path: str | os.PathLike, text: str, clean: bool = True) -> None:
+    """`clean=False` for a reader of a run (`graft report`), which leaves what is beside the file alone: on a shared
+    file system a writer's temporary files may belong to a process of another machine, alive."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(path.parent)
+    if clean:
+        remove_stale(path.parent)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         tmp.write_text(text, encoding="utf-8")
@@ -327,3 +330,105 @@ def disk_full_as_oserror(path: str | os.PathLike, needed: int | None = None) -> 
         if said or inferred:
             raise disk_full(path, needed) from None
         raise
+
+
+# ---- one writer per run --------------------------------------------------------------------------------------------
+
+LOCK_NAME = ".lock"
+
+
+class RunLocked(GraftError):
+    """Another command is writing into the run directory (exit 2)."""
+
+
+_held: dict[Path, list] = {}
+"""The run locks this process holds: lock file -> [file descriptor, depth] (a command that writes into a run calls
+others that take the same lock: compare runs the stages of the recipe and of each variant)."""
+
+
+@contextlib.contextmanager
+def hold_run(root: str | os.PathLike) -> Iterator[None]:
+    """Be the one writer of the run directory `root` for as long as the block runs; a second one is refused.
+
+    The lock is `fcntl.flock` on runs/<name>/.lock, so the operating system releases it when the process ends, killed
+    or not: the lock of a dead process is simply taken. The file says who holds it (PID, host, command, since when)
+    for the refusal's message; it is never deleted (a lock file removed while another process opened it would let
+    two processes hold two locks). A process started by `fork` keeps the lock while it lives (a curation worker still
+    writing). Under `accelerate launch` only the main process (RANK 0) takes it, for the whole job; the other
+    processes write nothing of the run themselves. Re-entrant within a process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    path = (root / LOCK_NAME).resolve()
+    if path in _held:
+        _held[path][1] += 1
+        try:
+            yield
+        finally:
+            _held[path][1] -= 1
+        return
+    fd = _take_lock(root, path)
+    if fd is None:  # a file system without locks: said once, the command runs unguarded
+        yield
+        return
+    _held[path] = [fd, 1]
+    try:
+        yield
+    finally:
+        del _held[path]
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)  # no holder: what the file says stays true
+        os.close(fd)  # releases the lock
+
+
+def _take_lock(root: Path, path: Path) -> int | None:
+    import fcntl
+    import socket
+    import sys
+    import time
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _lock_holder(fd)
+        os.close(fd)
+        raise RunLocked(f"{root}: another graft command is writing into this run ({_describe_holder(holder)}); "
+                        f"wait for it to end or stop it, or give this run another name") from None
+    except OSError as e:
+        os.close(fd)
+        log(f"warning: {path}: this file system does not lock files ({e.strerror}); nothing stops a second command "
+            f"from writing into this run at the same time")
+        return None
+    previous = _lock_holder(fd)
+    if previous:  # its holder ended without releasing it: killed, or its machine went down
+        log(f"{root}: the lock of {_describe_holder(previous, held=False)} was left behind; taken over")
+    command = " ".join(["graft" if os.path.basename(sys.argv[0]) in ("__main__.py", "graft") else sys.argv[0],
+                        *sys.argv[1:]])
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+              "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"), 0)
+    return fd
+
+
+def _lock_holder(fd: int) -> dict:
+    try:
+        record = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except ValueError:  # a holder killed while it wrote the file
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _describe_holder(holder: dict, held: bool = True) -> str:
+    import socket
+
+    if not holder:
+        return "a process that did not say who it is"
+    pid, host = holder.get("pid"), holder.get("host")
+    said = f"PID {pid} on {host}, `{holder.get('command', '?')}`, since {holder.get('since', '?')}"
+    if held and host == socket.gethostname() and isinstance(pid, int) and not pid_alive(pid):
+        said += "; that process ended, a process it started still holds the lock"
+    return said

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 from graftlm.errors import GraftError
 from graftlm.progress import log
 from graftlm.runs import RunDir, fingerprint, read_json, write_json_atomic
+from graftlm.signals import stop_if_requested
 
 if TYPE_CHECKING:
     from graftlm.recipe import Recipe
@@ -127,6 +128,7 @@ def bring_up_to_date(recipe: "Recipe", run_dir: RunDir, stages: dict[str, type[S
         run_dir.write_recipe(recipe)
     timings = read_json(run_dir.timings) if group.main and run_dir.timings.is_file() else {}
     for name in ordered(names, stages) if needs else [n for n in stages if n in names]:
+        stop_if_requested()  # a signal that came when training could no longer stop
         stage = stages[name](recipe, run_dir, **(options or {}).get(name, {}))
         stage.stages = stages
         if not stage.distributed and not group.main:

@@ -2,7 +2,8 @@
 regression test with its bad file made here, on tiny models. Every case must end in one line that names the key or
 the file (a GraftError, or an OSError the CLI prints in one line), never a traceback, never a silent short read,
 and no data lost. Then a hypothesis fuzz of the readers (truncations, flipped bytes, random bytes) and of recipes
-(random YAML values)."""
+(random YAML values). Two writers at once and signals (SIGTERM, SIGUSR1, SIGINT, SIGKILL of `graft run`) are in
+tests/test_preemption.py; bench/kill_suite.py kills `graft run` at random points of every stage."""
 
 from __future__ import annotations
 

@@ -69,9 +69,10 @@ def build_report(recipe: Recipe, run: RunDir) -> Verdict | None:
     ]
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>graftlm · {_e(recipe.name)}</title>"
             f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>")
-    write_text_atomic(run.report, page)
+    # `graft report` reads a run that may be training: it writes these two files and touches nothing else
+    write_text_atomic(run.report, page, clean=False)
     if (run.final_model / "config.json").is_file():
-        write_text_atomic(run.final_model / "README.md", model_card(recipe, verdict, training))
+        write_text_atomic(run.final_model / "README.md", model_card(recipe, verdict, training), clean=False)
     return verdict
 
 

@@ -2,7 +2,8 @@
 
 Order matters (the train stage lists them): the moving average takes each update first, then the step is logged,
 sent to the trackers and shown, the divergence guard may stop the run, then evaluation and checkpoints, each at
-its own interval; at the end the last evaluation, the last checkpoint, then the export; the test hook last.
+its own interval; a signal stops the run after them (preemption); at the end the last evaluation, the last
+checkpoint, then the export; the test hook last.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from graftlm.errors import GraftError
 from graftlm.models import save_model
 from graftlm.progress import log, steps_progress
 from graftlm.runs import RunDir, atomic_dir
-from graftlm.train.checkpoint import complete_checkpoints, save_checkpoint
+from graftlm.signals import Stopped, requested, signal_name
+from graftlm.train.checkpoint import checkpoint_path, complete_checkpoints, save_checkpoint
 from graftlm.train.ema import EMA
 from graftlm.train.methods import ADAPTER_DIR, Method
 from graftlm.train.trainer import Callback, Trainer
@@ -142,6 +144,8 @@ class Checkpointer(Callback):
                  ema: EMA | None = None):
         self.run, self.every, self.keep = run, every, keep
         self.tokenizer, self.recipe_dump, self.data_key, self.ema = tokenizer, recipe_dump, data_key, ema
+        self.saved_step: int | None = None
+        """The step of the last checkpoint this run wrote."""
 
     def on_step_end(self, trainer: Trainer, record: dict) -> None:
         step = trainer.state.step
@@ -156,6 +160,7 @@ class Checkpointer(Callback):
 
     def save(self, trainer: Trainer) -> None:
         trainer.group.wait_for_everyone()
+        self.saved_step = trainer.state.step
         if not trainer.is_main:
             return
         state, method = trainer.state, trainer.module.method
@@ -170,6 +175,42 @@ class Checkpointer(Callback):
             method.model.save_pretrained(folder / ADAPTER_DIR)
         if self.ema is not None:
             self.ema.save(folder)
+
+
+class Preemption(Callback):
+    """SIGTERM, SIGUSR1 or SIGINT during training (graftlm/signals.py `graceful`): the step is finished, a checkpoint
+    written, and the run stops with `Stopped` (exit 128 + the signal's number); the same command resumes from that
+    checkpoint exactly.
+
+    Under several processes a signal may reach one of them only, or each after another step: every step they agree
+    (an all-reduce of one number, the largest signal number asked for), so that all stop after the same step."""
+
+    def __init__(self, checkpointer: Checkpointer):
+        self.checkpointer = checkpointer
+
+    def on_step_end(self, trainer: Trainer, record: dict) -> None:
+        signum = _agreed(requested(), trainer.group)
+        if not signum:
+            return
+        step = trainer.state.step
+        if self.checkpointer.saved_step != step:
+            self.checkpointer.save(trainer)
+        trainer.group.wait_for_everyone()  # no process exits while the main one writes (a launcher would kill it)
+        raise Stopped(signum, f"train: stopped by {signal_name(signum)} after step {step} of {trainer.total_steps}; "
+                              f"checkpoint {checkpoint_path(self.checkpointer.run, step)}; the same command resumes "
+                              f"from it")
+
+
+def _agreed(signum: int, group) -> int:
+    """The largest of every process's `signum`."""
+    if getattr(group, "num_processes", 1) == 1:
+        return signum
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([signum], dtype=torch.int32, device=group.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
 
 
 class Export(Callback):

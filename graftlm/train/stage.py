@@ -1,7 +1,9 @@
 """The `train` stage: continue pre-training the run's start model on the recipe's mixture of packed sources.
 
 Every step appends a line to metrics.jsonl; checkpoints every `checkpoint_every` steps make the run resumable
-exactly: killed at any moment and restarted, it logs the same losses as an uninterrupted run.
+exactly: killed at any moment and restarted, it logs the same losses as an uninterrupted run. SIGTERM, SIGUSR1 or
+SIGINT (a scheduler's preemption, Ctrl-C) finish the step, write a checkpoint and stop with exit code 128 + the
+signal's number (143, 138, 130); a second signal stops at once (graftlm/signals.py, the Preemption callback).
 
 What learns is `train.method` (graftlm/train/methods.py: full, lora, layra, freeze); training runs in phases
 (`train.phases`, graftlm/train/phases.py), each with its own trainable parameters, fresh optimizer and schedule.
@@ -30,9 +32,10 @@ from graftlm.evaluate.suite import Evaluator
 from graftlm.models import load_tokenizer, tokenizer_files
 from graftlm.progress import log
 from graftlm.runs import RunDir, hash_files
+from graftlm.signals import graceful
 from graftlm.stage import Stage
 from graftlm.train.callbacks import (Checkpointer, DivergenceGuard, Evaluation, Export, MetricsFile,
-                                     MovingAverage, ProgressBar, StepHook)
+                                     MovingAverage, Preemption, ProgressBar, StepHook)
 from graftlm.train.checkpoint import check_resumable, latest_valid_checkpoint, load_training_state, restore_rng_states
 from graftlm.train.distill import Distiller
 from graftlm.train.ema import EMA
@@ -94,15 +97,16 @@ def train(recipe, run: RunDir, key: str, fresh: bool = False, on_step_end=None) 
     evaluator = _evaluator(recipe, run, tokenizer) if accelerator.is_main_process else None
     accelerator.wait_for_everyone()  # metrics.jsonl is truncated to the checkpoint by now
     evaluated_at = [r["step"] for r in run.read_metrics() if "eval" in r]
+    checkpointer = Checkpointer(run, cfg.checkpoint_every, cfg.keep_checkpoints, tokenizer, recipe_dump, data_key, ema)
     callbacks = [*([MovingAverage(ema)] if ema is not None else []), MetricsFile(run),
                  Trackers(recipe.report.trackers, run.trackers, recipe.name, recipe_dump), ProgressBar(),
                  DivergenceGuard(cfg.max_bad_steps, run),
                  Evaluation(evaluator, [recipe.eval.every, recipe.eval.harness.every], evaluated_at, export_ema),
-                 Checkpointer(run, cfg.checkpoint_every, cfg.keep_checkpoints, tokenizer, recipe_dump, data_key, ema),
-                 Export(run, key, tokenizer, export_ema),
+                 checkpointer, Preemption(checkpointer), Export(run, key, tokenizer, export_ema),
                  *([StepHook(on_step_end)] if on_step_end is not None else [])]
-    Trainer(module, sampler, resumed.state if resumed else TrainerState(), cfg.total_steps, callbacks,
-            accelerator).fit()
+    with graceful():  # a signal from here on stops after a step, with a checkpoint
+        Trainer(module, sampler, resumed.state if resumed else TrainerState(), cfg.total_steps, callbacks,
+                accelerator).fit()
 
 
 def _evaluator(recipe, run: RunDir, tokenizer) -> Evaluator | None:
