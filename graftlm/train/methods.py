@@ -46,6 +46,10 @@ class Method:
             _freeze(model, cfg)
         self.trainable = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
         self._hooks: list = []
+        self.only_new_rows: list[nn.Parameter] = []
+        """The current phase's parameters that learn only their new rows."""
+        self.row_hooks = True
+        """Mask those rows' gradients with hooks (False: the caller masks them, as FSDP's sharding does)."""
 
     @classmethod
     def load(cls, cfg: TrainConfig, start_model: Path, checkpoint: Path | None = None,
@@ -97,12 +101,18 @@ class Method:
         self.model.requires_grad_(False)
         for _, p in chosen:
             p.requires_grad_(True)
-        if only_new_rows:
+        self.only_new_rows = [p for _, p in chosen if id(p) in only_new_rows]
+        if only_new_rows and self.row_hooks:
             self._hooks = train_only_rows(self.model, self.rows.new_rows)
         groups = [{"params": [p for _, p in chosen if id(p) not in only_new_rows]}]
         if only_new_rows:
             groups.append({"params": [p for _, p in chosen if id(p) in only_new_rows], "weight_decay": 0.0})
         return [g for g in groups if g["params"]]
+
+    def parameters_replaced(self) -> None:
+        """Find the trained parameters again after the model's parameter objects were replaced (by sharding)."""
+        current = dict(self.model.named_parameters())
+        self.trainable = [(name, current[name]) for name, _ in self.trainable]
 
     def all_phase_parameters(self, trains: list[str]) -> list[tuple[str, nn.Parameter]]:
         """Every parameter some phase trains, once each (what the EMA averages)."""
@@ -132,7 +142,7 @@ class Method:
 
 def trainable_count(params: list[tuple[str, nn.Parameter]], only_new_rows: set[int], rows: VocabRows | None) -> int:
     """Parameters that learn: a row-masked matrix counts only its new rows."""
-    return sum(p[rows.new_rows.start:rows.new_rows.stop].numel() if id(p) in only_new_rows else p.numel()
+    return sum(len(rows.new_rows) * p.numel() // p.shape[0] if id(p) in only_new_rows else p.numel()
                for _, p in params)
 
 

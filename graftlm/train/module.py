@@ -1,15 +1,14 @@
 """The maths of one optimizer step, behind `TrainModule.train_batch`.
 
-One step = `batch_tokens` tokens, split across processes (DDP under `accelerate launch`) and micro-batches
-(gradient accumulation), forward and backward under bf16 autocast with fp32 master weights, then gradient clipping
-and AdamW. A non-finite loss skips its update (the divergence guard counts them). Training runs in phases
-(graftlm/train/phases.py), each with its own trainable parameters, a fresh optimizer and its own schedule: the
-module enters the phase of each step by itself.
+One step = `batch_tokens` tokens, split across processes (DDP or FSDP under `accelerate launch`: train/sharding.py)
+and micro-batches (gradient accumulation), forward and backward under bf16 autocast with fp32 master weights, then
+gradient clipping and AdamW. A non-finite loss skips its update (the divergence guard counts them). Training runs
+in phases (graftlm/train/phases.py), each with its own trainable parameters, a fresh optimizer and its own schedule:
+the module enters the phase of each step by itself.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -22,6 +21,7 @@ from graftlm.train.distill import Distiller
 from graftlm.train.loss import CausalLMLoss
 from graftlm.train.methods import Method, trainable_count
 from graftlm.train.phases import Phase, phase_at
+from graftlm.train.sharding import Replicated
 
 
 @dataclass
@@ -38,8 +38,10 @@ class StepResult:
 class TrainModule:
     def __init__(self, method: Method, cfg: TrainConfig, phases: list[Phase], accelerator,
                  distiller: Distiller | None = None, replay: set[str] | None = None,
-                 resumed_phase: int | None = None, resumed_optimizer: dict | None = None):
+                 resumed_phase: int | None = None, resumed_optimizer=None, sharding: Replicated | None = None):
         self.method, self.cfg, self.phases, self.accelerator = method, cfg, phases, accelerator
+        self.sharding = sharding if sharding is not None else Replicated(accelerator)
+        """train.distributed (train/sharding.py): the model replicated (ddp) or sharded (fsdp)."""
         self.distiller, self.replay = distiller, replay
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self.phase: Phase | None = None
@@ -66,7 +68,8 @@ class TrainModule:
         finite = math.isfinite(loss)
         grad_norm = float("nan")
         if finite:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.cfg.grad_clip or float("inf")).item()
+            self.sharding.finish_gradients(self.method)
+            grad_norm = self.sharding.clip_grad_norm(self._params, self.cfg.grad_clip or float("inf"))
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         extra = {}
@@ -87,9 +90,9 @@ class TrainModule:
                                            **_fused_if_available(self.accelerator.device))
         resumed_phase, resumed_optimizer = self._resumed
         if resumed_optimizer is not None and resumed_phase == phase.index:
-            self.optimizer.load_state_dict(resumed_optimizer)
+            self.sharding.load_optimizer(self.optimizer, resumed_optimizer)
         self._resumed = (None, None)
-        self._wrapped = self.accelerator.prepare_model(
+        self._wrapped = self.sharding.wrap(
             CausalLMLoss(method.model, chunked=cfg.loss == "chunked", distiller=self.distiller))
         self._params = [p for group in groups for p in group["params"]]
         self.phase = phase
@@ -107,14 +110,14 @@ class TrainModule:
         micro_batches = tokens.split(cfg.micro_batch_size)
         replay = [None] * len(micro_batches) if local_replay is None else \
             torch.from_numpy(local_replay).to(accelerator.device).split(cfg.micro_batch_size)
-        loss_module = accelerator.unwrap_model(wrapped)
+        loss_module = self.sharding.unwrap(wrapped)
         total = torch.zeros((), device=accelerator.device)
         distilled = torch.zeros((), device=accelerator.device)
         for i, (micro, flags) in enumerate(zip(micro_batches, replay)):
             weight = len(micro) / len(tokens)
             last = i == len(micro_batches) - 1
             extra = {} if flags is None else {"replay": flags}
-            with contextlib.nullcontext() if last else accelerator.no_sync(wrapped), self.autocast():
+            with self.sharding.no_sync(wrapped, last), self.autocast():
                 loss = wrapped(micro[:, :-1], micro[:, 1:], **extra)
             if torch.isfinite(loss):
                 (loss * weight).backward()
@@ -125,7 +128,12 @@ class TrainModule:
 
     def autocast(self):
         return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16,
-                              enabled=self.cfg.precision == "bf16")
+                              enabled=self.cfg.precision == "bf16" and self.sharding.autocast)
+
+    def gathered(self, on_device: bool = False):
+        """A context: the method with its whole weights on the main process, None on the others; every process
+        must enter it (under fsdp the weights are gathered from every process's shards)."""
+        return self.sharding.gathered(self.method, on_device)
 
 
 def _fused_if_available(device: torch.device) -> dict:
