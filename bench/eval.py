@@ -45,7 +45,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from graftlm.evaluate.bpb import load_text_set
+    from graftlm.evaluate.bpb import fertility, load_text_set
     from graftlm.evaluate.config import ChoiceSetConfig, EvalConfig
     from graftlm.evaluate.scoring import start_token_id
     from graftlm.evaluate.suite import Evaluator
@@ -68,7 +68,8 @@ def main() -> None:
             seconds = time.perf_counter() - started
             if name in TEXT:
                 r = results["text"][name]
-                shown = f"bpb {r['bpb']:.4f}  tokens/word {r['tokens_per_word']:.3f}  documents {r['documents']}"
+                per_unit, unit = fertility(r)
+                shown = f"bpb {r['bpb']:.4f}  tokens/{unit} {per_unit:.3f}  documents {r['documents']}"
             else:
                 r = results["choice"][name]
                 shown = (f"accuracy {r['accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]  "

@@ -80,7 +80,8 @@ def eval_(
                                    ".tsv (a text column) or .jsonl (repeatable)."),
     choice: List[str] = typer.Option([], "--choice", help="Multiple-choice set: XCOPA or {context, choices, label} "
                                      ".jsonl (repeatable)."),
-    lang: Optional[str] = typer.Option(None, "--lang", help="Language of XCOPA's connectives (default: detected)."),
+    lang: Optional[str] = typer.Option(None, "--lang", help="Language of the sets: XCOPA's connectives (default: "
+                                       "detected), and per-character fertility for a language without spaces."),
     text_field: str = typer.Option("text", "--text-field", help="The .jsonl field or .tsv column of the text."),
     json_: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Sequences per forward pass."),
@@ -99,10 +100,16 @@ def eval_(
         raise GraftError("eval: give at least one --text or --choice file")
     if dtype not in DTYPES:
         raise GraftError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    from graftlm.languages import UnknownLanguage, normalize_language
+
+    try:
+        lang = normalize_language(lang) if lang is not None else None
+    except UnknownLanguage as e:
+        raise GraftError(f"--lang: {e}") from None
     config = EvalConfig(text={path: path for path in text}, text_field=text_field, batch_size=batch_size,
                         choice={path: ChoiceSetConfig(path=path, lang=lang) for path in choice},
                         max_length=max_length, dtype=dtype)
-    results = evaluate_model(model, config)
+    results = evaluate_model(model, config, languages={path: lang for path in text} if lang else None)
     if json_:
         sys.stdout.write(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     else:

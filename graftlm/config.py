@@ -1,5 +1,5 @@
-"""Building blocks of recipe sections: a strict base model, a path type that resolves against the recipe, and the
-plain names that may become folders of the run directory."""
+"""Building blocks of recipe sections: a strict base model, a path type that resolves against the recipe, a model
+and a language type, and the plain names that may become folders of the run directory."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ def plain_name(name: str) -> str:
 
 
 PlainName = Annotated[str, AfterValidator(plain_name)]
+
+from graftlm.languages import normalize_language
 
 
 class Section(BaseModel):
@@ -104,3 +106,8 @@ def resolve_model_spec(spec: str, info: ValidationInfo) -> str:
 
 ModelSpec = Annotated[str, AfterValidator(resolve_model_spec)]
 """A model: a bundled name (`smollm2-135m`), a Hugging Face folder, a .gguf file or a hub id."""
+
+
+LanguageCode = Annotated[str, AfterValidator(normalize_language)]
+"""A language in a recipe (`sw`, `swh`, `swh_Latn`, ...), held as its canonical code (graftlm/languages.py); an
+unknown code is an error naming the key."""

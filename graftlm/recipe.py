@@ -21,6 +21,7 @@ from graftlm.curate.config import CurateConfig
 from graftlm.data.config import MixtureConfig, PackConfig, SourceConfig
 from graftlm.errors import RecipeError
 from graftlm.evaluate.config import EvalConfig
+from graftlm.languages import language_or_none
 from graftlm.merge.config import MergeConfig
 from graftlm.plan.config import PlanConfig
 from graftlm.report.config import ReportConfig
@@ -120,10 +121,12 @@ class Recipe(Section):
         curation and the report agree on it."""
         languages = {name: self.language_of(name) for name in self.sources}
         if self.target is not None:
-            if self.target not in languages.values():
+            named = language_or_none(self.target)
+            target = named.code if named is not None else self.target  # `vie`, `vi`, `vie_Latn`: the same
+            if target not in languages.values():
                 raise _KeyProblem("target", f"{self.target!r} is not the language of any source (languages: "
                                   f"{', '.join(sorted(set(languages.values())))})")
-            return self.target
+            return target
         mixed = [name for name, weight in self.mixture_weights().items() if weight > 0]
         labelled = [name for name in mixed if self.sources[name].lang]
         foreign = sorted({languages[name] for name in labelled} - {BASE_LANGUAGE})

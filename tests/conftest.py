@@ -10,6 +10,8 @@ from pathlib import Path
 # Tiny models run faster on one thread, and subprocesses (kill-and-resume, DDP) inherit the setting, so that
 # every process of a test reduces in the same order.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# the CPU's measured bf16 peak (for MFU) is cached here, not in the user's ~/.cache
+os.environ.setdefault("GRAFT_CACHE_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), f"graft-test-cache-{os.getuid()}"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 from datatrove.data import Document
+from datatrove.pipeline.filters import FineWebQualityFilter, GopherQualityFilter, GopherRepetitionFilter
 
 from conftest import DATA, run_graft
 from graftlm.curate.config import CurateConfig, LanguageIdConfig
 from graftlm.curate.filters import filter_settings, quality_filters
-from graftlm.curate.langid import LanguageIdFilter, normalize_language
-from graftlm.curate.rehydrate import times_for
+from graftlm.curate.langid import LanguageIdFilter, check_backend_knows, threshold_for
+from graftlm.curate.rehydrate import rehydration_table, times_for
 from graftlm.curate.stage import curate_source
 from graftlm.data.config import SourceConfig
 from graftlm.data.read import read_documents
@@ -139,9 +140,59 @@ def test_language_defaults_and_recipe_thresholds():
     config = CurateConfig.model_validate({"filters": {"fineweb_quality": {"line_punct_thr": 0.2}}})
     vi = filter_settings(config.filters, "vi", "fineweb_quality")
     assert vi["line_punct_thr"] == 0.2 and vi["new_line_ratio"] == 0.103  # recipe, then FineWeb2's Vietnamese
+    assert vi["short_line_thr"] == 999 and vi["char_duplicates_ratio"] == 0.1  # FineWeb2's for every language
     assert "là" in filter_settings(config.filters, "vi", "gopher_quality")["stop_words"]
     assert filter_settings(config.filters, "en", "gopher_quality") == {}  # datatrove's (FineWeb English) defaults
-    assert filter_settings(config.filters, "fr", "gopher_quality") == {"min_stop_words": 0}  # no French list
+    # any of FineWeb2's languages, by any of its codes: Swahili's thresholds and stop words, Chinese's 5-grams
+    sw = filter_settings(config.filters, "swa", "gopher_quality")
+    assert sw["stop_words"][:3] == ["ya", "na", "wa"] and sw["min_stop_words"] == 2 and sw["max_avg_word_length"] == 9
+    zh = filter_settings(config.filters, "zho_Hans", "gopher_repetition")
+    assert zh["dup_n_grams"][0] == (5, 0.198) and zh["dup_line_frac"] == 0.287
+    assert "и" in filter_settings(config.filters, "ru", "gopher_quality")["stop_words"]
+    # a language FineWeb2 has no config for (Kalenjin): FineWeb2's common settings, no stop-word check
+    assert filter_settings(config.filters, "kln", "gopher_quality") == {"min_stop_words": 0}
+    assert filter_settings(config.filters, "kln", "fineweb_quality")["short_line_thr"] == 999
+
+
+def test_every_fineweb2_config_makes_datatrove_filters():
+    from graftlm.curate.fineweb2 import configs
+    from graftlm.languages import language
+
+    config = CurateConfig()
+    for name in configs():
+        code = language(name).code
+        assert language(code).fineweb2 == name, name  # the canonical code leads back to the same config
+        for filter_name, filter_class in (("gopher_repetition", GopherRepetitionFilter),
+                                          ("fineweb_quality", FineWebQualityFilter),
+                                          ("gopher_quality", GopherQualityFilter)):
+            settings = filter_settings(config.filters, code, filter_name)
+            assert settings, (name, filter_name)
+            filter_class(language=name, **settings)  # datatrove takes every value (types, n-gram pairs)
+        assert 0 < threshold_for(config.language_id, code) < 1
+
+
+def test_language_id_threshold_and_rehydration_from_fineweb2():
+    assert threshold_for(LanguageIdConfig(), "vi") == 0.802  # FineWeb2's language_score for vie_Latn
+    assert threshold_for(LanguageIdConfig(thresholds={"vie": 0.5}), "vi") == 0.5  # the recipe's, by any code
+    assert threshold_for(LanguageIdConfig(default_threshold=0.3), "en") == 0.3  # no FineWeb2 config for English
+    table = rehydration_table("fineweb2", 5, "vi")
+    assert table == {1: 1, 2: 2, 4: 3, 6: 4, 17: 5, 20: 4, 27: 3, 34: 2, 65: 1}  # up_to_05_reps.json, vie_Latn
+    assert max(rehydration_table("fineweb2", 10, "sw").values()) == 8 and list(rehydration_table("fineweb2", 10, "sw"))[:3] == [1, 2, 3]
+    assert max(rehydration_table("fineweb2", 3, "sw").values()) == 3
+    assert rehydration_table({1: 2}, 5, "vi") == {1: 2} and rehydration_table(None, 5, "vi") is None
+    with pytest.raises(RecipeError, match=r"curate.rehydrate: FineWeb2 has no rehydration weights for Achinese"):
+        rehydration_table("fineweb2", 5, "ace_Arab")
+
+
+def test_a_backend_that_does_not_know_the_language_says_which_it_knows():
+    check_backend_knows(LanguageIdConfig(), "sw")  # py3langid knows Swahili
+    with pytest.raises(RecipeError) as error:
+        check_backend_knows(LanguageIdConfig(), "ilo")  # Ilocano: FineWeb2 has it, py3langid does not
+    message = str(error.value)
+    assert message.startswith("curate.language_id.backend: py3langid does not know Iloko (ilo); it knows 1")
+    assert ", vi, " in message and "backend: fasttext with a GlotLID model" in message
+    with pytest.raises(RecipeError, match="lingua does not know"):
+        check_backend_knows(LanguageIdConfig(backend="lingua"), "ilo")
 
 
 def test_vietnamese_words_are_datatrove_s():
@@ -199,11 +250,11 @@ def test_fasttext_backend_reads_a_local_model(tmp_path):
     assert lid.filter(Document(text=chunks(EN_BOOKS[-1])[30], id="en")) == (False, "lang_en")
 
 
-def test_language_codes_are_normalised():
-    assert [normalize_language(c) for c in ("__label__vie_Latn", "__label__vi", "VI", "vi-VN", "ind", "haw")] == \
-        ["vi", "vi", "vi", "vi", "id", "haw"]
-    lid = LanguageIdFilter("vie", LanguageIdConfig(thresholds={"vi": 0.99}))
+def test_language_id_labels_and_targets_are_normalised():
+    lid = LanguageIdFilter("vie_Latn", LanguageIdConfig(thresholds={"vi": 0.99}))
     assert (lid.target, lid.threshold) == ("vi", 0.99)
+    lid = LanguageIdFilter("zho_Hans", LanguageIdConfig(thresholds={"cmn": 0.5}))
+    assert lid.filter(Document(text="这是一个测试。我们今天去北京参观博物馆。", id="zh")) is True
 
 
 # ---- near duplicates and rehydration -----------------------------------------------------------------------
@@ -256,6 +307,7 @@ def test_rehydration_repeats_by_cluster_size(tmp_path):
      "curate.executor_options: 'partition' is required by the slurm executor"),
     ({"executor_options": {"queue": "x"}}, "curate.executor_options: 'queue' is not a setting of datatrove's"),
     ({"executor_options": {"tasks": 4}}, "curate.executor_options: 'tasks' is set by graftlm"),
+    ({"submit": False}, "curate.submit: only the slurm executor submits jobs (executor is local)"),
     ({"workers": 0}, "curate.workers: "),
     ({"filters": {"gopher_quality": {"min_doc_word": 10}}},
      "curate.filters.gopher_quality.min_doc_word: unknown key (did you mean 'min_doc_words'?)"),
@@ -277,10 +329,20 @@ def test_slurm_and_ray_settings_pass_through():
     assert CurateConfig(executor="ray", executor_options={"cpus_per_task": 2}).executor == "ray"
 
 
-def test_a_language_without_word_tokenizer_is_a_recipe_error(tmp_path):
-    data = write_jsonl(tmp_path / "x.jsonl", ["text"])
-    with pytest.raises(RecipeError, match=r"sources.x.lang: datatrove has no word tokenizer for 'qqq'"):
-        curate_source("t", "x", SourceConfig(paths=[str(data)], lang="qqq"), CurateConfig(), tmp_path / "c")
+def test_an_unknown_language_is_a_recipe_error():
+    data = {"name": "x", "sources": {"x": {"paths": ["a.jsonl"], "lang": "qqq"}}, "curate": {}}
+    with pytest.raises(RecipeError, match=r"^sources.x.lang: unknown language code 'qqq'"):
+        validate_recipe(data)
+
+
+def test_a_word_tokenizer_without_its_package_is_a_recipe_error(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("pythainlp") is not None:
+        pytest.skip("pythainlp is installed")
+    data = write_jsonl(tmp_path / "x.jsonl", ["ภาษาไทย"])
+    with pytest.raises(RecipeError, match=r"sources.x.lang: the word tokenizer for Thai needs a package: .*pythainlp"):
+        curate_source("t", "x", SourceConfig(paths=[str(data)], lang="th"), CurateConfig(), tmp_path / "c")
 
 
 def test_slurm_runs_the_curation_jobs_chained(tmp_path):

@@ -38,7 +38,9 @@ def test_training_logs_every_step_and_writes_a_plain_hf_model(prepared):
     train(recipe, run)
     records = [r for r in run.read_metrics() if "loss" in r]
     assert [r["step"] for r in records] == list(range(1, 13))
-    assert set(records[0]) >= {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_by_source"}
+    assert set(records[0]) >= {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_by_source", "mfu",
+                               "memory_gib"}
+    assert 0 < records[-1]["mfu"] < 1 and len(records[-1]["memory_gib"]) == 1 and records[-1]["memory_gib"][0] > 0.1
     assert records[-1]["tokens"] == 12 * 256
     assert records[-1]["tokens_by_source"] == {"vi": 72 * 32, "en": 24 * 32}  # 96 sequences of 32, 3:1
     assert sorted(p.name for p in run.checkpoints.iterdir()) == ["step-000009", "step-000012"]

@@ -15,30 +15,38 @@ from graftlm.evaluate.bpb import load_text_set
 from graftlm.recipe import validate_recipe
 from graftlm.runs import RunDir
 from graftlm.vocab.extend import (BYTE_LEVEL, SENTENCEPIECE, BpeTable, extend_tokenizer, is_word_piece,
-                                  merge_pairs, token_bytes, tokenizer_family, train_target_tokenizer)
+                                  merge_pairs, pre_token_counts, token_bytes, token_shares, tokenizer_family,
+                                  train_target_tokenizer)
 from graftlm.vocab.init import (VocabRows, grow_embeddings, initialise_rows, similar_tokens, sparsemax,
                                 train_only_rows, vocab_rows)
 
 VI_TEXT = SourceConfig(paths=[str(DATA / "vi/viwiki.jsonl")], max_documents=120)
 VI_EVAL = str(DATA / "eval/sib200/vie_Latn/test.tsv")
 EN_EVAL = str(DATA / "eval/sib200/eng_Latn/test.tsv")
+EN_REPLAY = SourceConfig(paths=[str(DATA / "en/*.jsonl")])
 
 
-def extend(base_json: dict, texts, new_tokens: int, **options):
+def extend(base_json: dict, texts, new_tokens: int, replay=None, ratio: float = 4.0):
+    """Train on `texts` and extend, with the stage's replay check when `replay` (texts) is given."""
+    texts = list(texts)
     trained = train_target_tokenizer(texts, base_json, new_tokens * 6 + 1000, min_frequency=3)
-    return extend_tokenizer(base_json, trained, new_tokens, **options)
+    if replay is None:
+        return extend_tokenizer(base_json, trained, new_tokens)
+    return extend_tokenizer(base_json, trained, new_tokens, pre_token_counts(replay, base_json),
+                            token_shares(texts, trained, base_json), ratio)
 
 
-def words_per_token(tokenizer_dir_or_tok, path: str) -> float:
+def tokens_per_word(tokenizer_dir_or_tok, path: str) -> float:
     text_set = load_text_set(path, tokenizer_dir_or_tok)
-    return sum(map(len, text_set.documents)) / sum(text_set.words)
+    return sum(map(len, text_set.documents)) / sum(text_set.units)
 
 
 @pytest.fixture(scope="module")
 def smol(smol_tokenizer_dir):
-    """The SmolLM2 tokenizer extended with up to 3000 tokens learned on the bundled Vietnamese Wikipedia slice."""
+    """The SmolLM2 tokenizer extended with up to 3000 tokens learned on the bundled Vietnamese Wikipedia slice, under
+    the replay check on the bundled English."""
     base_json = json.loads((smol_tokenizer_dir / "tokenizer.json").read_text())
-    extension = extend(base_json, read_documents(VI_TEXT), 3000)
+    extension = extend(base_json, read_documents(VI_TEXT), 3000, replay=list(read_documents(EN_REPLAY)))
     return base_json, extension, Tokenizer.from_str(json.dumps(base_json)), \
         Tokenizer.from_str(json.dumps(extension.tokenizer_json))
 
@@ -82,8 +90,9 @@ def test_new_tokens_are_real_vocabulary_and_merges_each_reachable(smol):
 
 def test_english_keeps_its_ids_and_vietnamese_fertility_drops(smol_tokenizer_dir, smol_merged):
     base, merged = AutoTokenizer.from_pretrained(smol_tokenizer_dir), smol_merged
-    assert load_text_set(EN_EVAL, merged).documents == load_text_set(EN_EVAL, base).documents
-    before, after = words_per_token(base, VI_EVAL), words_per_token(merged, VI_EVAL)
+    same = [a == b for a, b in zip(load_text_set(EN_EVAL, merged).documents, load_text_set(EN_EVAL, base).documents)]
+    assert sum(same) / len(same) >= 0.99  # the replay check on the bundled English protects FLORES English
+    before, after = tokens_per_word(base, VI_EVAL), tokens_per_word(merged, VI_EVAL)
     assert before > 3.4 and after < 1.6
 
 
@@ -119,23 +128,42 @@ def test_merged_tokenizer_saves_and_loads_with_plain_autotokenizer(smol, smol_me
     assert AutoTokenizer.from_pretrained(tmp_path)(text)["input_ids"] == ids
 
 
-def test_ascii_tokens_are_left_out_unless_asked(smol):
-    base_json, extension = smol[:2]
-    assert not any(t.isascii() for t in extension.tokens)  # byte-level shows every non-ASCII byte as a non-ASCII char
-    texts = list(read_documents(SourceConfig(paths=[str(DATA / "vi/viwiki.jsonl")], max_documents=60)))
-    with_ascii = extend(base_json, texts, 500, ascii_tokens=True)
-    assert any(t.isascii() for t in with_ascii.tokens)
-    texts = [token_bytes(t, BYTE_LEVEL).decode(errors="ignore") for t in with_ascii.tokens]
+def test_ascii_words_of_the_target_are_added_digits_never(smol):
+    extension = smol[1]
+    ascii_tokens = [t for t in extension.tokens if t.isascii()]  # byte-level shows non-ASCII bytes as non-ASCII
+    assert len(ascii_tokens) > 50  # Vietnamese words without diacritics (" trong", " khi") are words too
+    texts = [token_bytes(t, BYTE_LEVEL).decode(errors="ignore") for t in extension.tokens]
     assert not any(c.isdigit() for t in texts for c in t)  # digits keep the base's split
 
 
+def test_replay_check_skips_what_the_replay_text_uses(smol):
+    base_json = smol[0]
+    vietnamese = list(read_documents(VI_TEXT))[:60]
+    english = [next(iter(read_documents(EN_REPLAY)))[:30_000]]  # a small replay sample, ~6,000 words
+    word = "Mountbatten"  # an English name, split by the base, written into both texts
+    target = [f"{doc} {word} {word}." for doc in vietnamese]
+    replay = [f"Lord {word} said so; {word} agreed." for _ in range(100)] + english
+    unchecked = extend(base_json, target, 800)
+    checked = extend(base_json, target, 800, replay=replay)
+    assert f"Ġ{word}" in unchecked.tokens and f"Ġ{word}" not in checked.tokens
+    assert checked.skipped["changes_replay"] >= 1 and checked.replay["changed_share"] < 1e-2
+    # a name the replay sample never shows counts as one replay word: used less than replay_ratio times as often
+    # in the target, it is skipped, whereas a token with characters the replay text never uses (Cyrillic against
+    # English) is not held back
+    target = [f"{doc} Hartleton Москва." for doc in vietnamese]
+    plain = extend(base_json, target, 800)
+    assert {"ĠHartleton", "ĠÐľÐ¾ÑģÐºÐ²Ð°"} <= set(plain.tokens)
+    checked = extend(base_json, target, 800, replay=english)
+    assert "ĠHartleton" not in checked.tokens and "ĠÐľÐ¾ÑģÐºÐ²Ð°" in checked.tokens
+
+
 def test_word_piece_rule():
-    assert is_word_piece(" không".encode(), ascii_tokens=False)
-    assert is_word_piece("ông".encode()[1:], ascii_tokens=False)  # begins inside a character
-    assert is_word_piece("Việ".encode()[:-1], ascii_tokens=False)  # ends inside one
-    assert not is_word_piece(b" trong", ascii_tokens=False) and is_word_piece(b" trong", ascii_tokens=True)
-    for junk in (" 2019", "ế,", "\u200b\u200b", "  ế", "ế ế", " "):
-        assert not is_word_piece(junk.encode(), ascii_tokens=True), junk
+    assert is_word_piece(" không".encode()) and is_word_piece(b" trong") and is_word_piece(" язык".encode())
+    assert is_word_piece("ông".encode()[1:])  # begins inside a character
+    assert is_word_piece("Việ".encode()[:-1])  # ends inside one
+    assert is_word_piece("语言".encode())
+    for junk in (" 2019", "ế,", "\u200b\u200b", "  ế", "ế ế", " ", "。"):
+        assert not is_word_piece(junk.encode()), junk
 
 
 # ---- the SentencePiece-style family (Llama-2, Mistral) ---------------------------------------------------------
@@ -172,7 +200,7 @@ def sentencepiece(tmp_path_factory):
     folder = tmp_path_factory.mktemp("llama2-style")
     base_json = llama2_style_tokenizer(folder, english)
     vietnamese = list(read_documents(SourceConfig(paths=[str(DATA / "vi/viwiki.jsonl")], max_documents=80)))
-    extension = extend(base_json, vietnamese, 1500)
+    extension = extend(base_json, vietnamese, 1500, replay=english)
     merged = write_tokenizer(folder, extension, folder / "merged")
     return base_json, extension, AutoTokenizer.from_pretrained(folder), merged
 
@@ -181,15 +209,19 @@ def test_sentencepiece_style_extension(sentencepiece):
     base_json, extension, base, merged = sentencepiece
     assert tokenizer_family(base_json) == SENTENCEPIECE
     assert 1000 < len(extension.tokens) <= 1500
-    assert all(t.startswith("▁") or not t.isascii() for t in extension.tokens)
+    assert all(is_word_piece(token_bytes(t, SENTENCEPIECE)) for t in extension.tokens)
+    assert extension.replay["changed_share"] < 1e-3  # the replay check also runs on SentencePiece-style words
     new_merges = merge_pairs(extension.tokenizer_json["model"]["merges"])[len(base_json["model"]["merges"]):]
     assert new_merges == [pair for pair in extension.merges if pair]
     assert all(len(token) == 1 for token, pair in zip(extension.tokens, extension.merges) if pair is None)
     assert any(pair is None for pair in extension.merges)  # letters the base only had as bytes
     rust = Tokenizer.from_str(json.dumps(extension.tokenizer_json))
     assert all(len(rust.model.tokenize(t)) == 1 for t in extension.tokens)
-    assert load_text_set(EN_EVAL, merged).documents == load_text_set(EN_EVAL, base).documents
-    assert words_per_token(merged, VI_EVAL) < 0.6 * words_per_token(base, VI_EVAL)
+    # this toy base (1,200 tokens) cuts English into short pieces that Vietnamese shares (▁ta, ▁cha): unchecked,
+    # 20% of the English sentences keep their ids; checked on 30 English chapters, most do
+    same = [a == b for a, b in zip(load_text_set(EN_EVAL, merged).documents, load_text_set(EN_EVAL, base).documents)]
+    assert sum(same) / len(same) >= 0.75
+    assert tokens_per_word(merged, VI_EVAL) < 0.6 * tokens_per_word(base, VI_EVAL)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -363,8 +395,11 @@ eval:
     code, _, err = run_graft(monkeypatch, capsys, "vocab", str(recipe), "--runs-dir", str(tmp_path / "runs"))
     assert code == 0 and "up to date" in err and os.stat(run.vocab / "stats.json").st_mtime_ns == stamp
     code, _, err = run_graft(monkeypatch, capsys, "vocab", str(recipe), "--runs-dir", str(tmp_path / "runs"),
-                             "--set", "vocab.new_tokens=100")
-    assert code == 0 and json.loads((run.vocab / "stats.json").read_text())["new_tokens"] == 100
+                             "--set", "vocab.new_tokens=20000", "--set", "vocab.compare_inits=false")
+    stats = json.loads((run.vocab / "stats.json").read_text())  # a changed setting: made again
+    assert code == 0 and 400 < stats["new_tokens"] < 10000  # 40 articles do not have 20,000 tokens: it says why
+    assert f"vocab: warning: added {stats['new_tokens']:,} of the 20,000 tokens asked for: the tokenizer trained on" in err
+    assert stats["replay"]["sources"] == ["en"] and stats["skipped"]["changes_replay"] > 0
 
 
 def test_graft_vocab_without_a_vocab_section_says_so(tmp_path, monkeypatch, capsys):

@@ -1,8 +1,9 @@
 """The `curate:` recipe section (see graftlm/curate/).
 
-Thresholds left unset (null) take the curated language's default: FineWeb2's tuned values for the languages in
-graftlm/curate/filters.py (vi, id), datatrove's FineWeb values otherwise. A filter is switched off with
-`filters.<name>: false` (or `enabled: false`), a threshold check with 0 (datatrove's convention).
+Thresholds left unset (null) take the curated language's default: FineWeb2's tuned values for it (any of its
+1,929 languages, graftlm/curate/fineweb2.py), datatrove's FineWeb values for English and for languages FineWeb2 does
+not have. A filter is switched off with `filters.<name>: false` (or `enabled: false`), a threshold check with 0
+(datatrove's convention).
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from graftlm.config import RecipePath, Section
+from graftlm.curate.fineweb2 import MAX_REPETITIONS
+from graftlm.languages import language
 
 FINEWEB2_REHYDRATION = {1: 1, 2: 2, 3: 3, 5: 5, 100: 8, 1000: 1}
-"""FineWeb2's upsampling: a kept document whose duplicate cluster has at least `size` members is written `times`
-times (largest `size` <= the cluster's); very large clusters (boilerplate) go back to 1."""
+"""A FineWeb2-style upsampling for every language: a kept document whose duplicate cluster has at least `size`
+members is written `times` times (largest `size` <= the cluster's); very large clusters (boilerplate) go back to 1.
+`rehydrate: fineweb2` takes instead the weights FineWeb2 computed for the curated language."""
 
 
 class LanguageIdConfig(Section):
@@ -26,18 +30,25 @@ class LanguageIdConfig(Section):
     model: RecipePath | None = None
     """A local fastText model file (GlotLID's model_v3.bin, FineWeb2's choice, or lid.176.bin); fasttext only."""
     thresholds: dict[str, float] = Field(default_factory=dict)
-    """Minimum confidence per target language, e.g. {vi: 0.8}; other languages use `default_threshold`."""
+    """Minimum confidence per target language, e.g. {vi: 0.8}; a language not named here takes FineWeb2's
+    `language_score` for it (the GlotLID confidence FineWeb2 required), else `default_threshold`."""
     default_threshold: float = Field(default=0.65, ge=0, le=1)
+    """The minimum confidence of a language that neither `thresholds` nor FineWeb2 gives one."""
     max_chars: int = Field(default=10_000, ge=100)
     """Only the first characters of a document are classified: bounds the cost of very long documents."""
 
     @field_validator("thresholds")
     @classmethod
     def _probabilities(cls, thresholds: dict[str, float]) -> dict[str, float]:
+        normalised: dict[str, float] = {}
         for lang, value in thresholds.items():
             if not 0 <= value <= 1:
                 raise ValueError(f"threshold of '{lang}' must be between 0 and 1, got {value}")
-        return thresholds
+            code = language(lang).code  # an unknown code is an error naming this key
+            if code in normalised:
+                raise ValueError(f"'{lang}' and another key both name {language(lang).name} ({code})")
+            normalised[code] = value
+        return normalised
 
     @model_validator(mode="after")
     def _model_for_fasttext(self) -> "LanguageIdConfig":
@@ -157,23 +168,45 @@ class CurateConfig(Section):
     """Shards of the input; default: `workers`."""
     executor_options: dict[str, Any] = Field(default_factory=dict, validate_default=True)
     """Passed to the executor as they are, e.g. slurm: {partition: cpu, time: '2:00:00', mem_per_cpu_gb: 4}."""
+    submit: bool = True
+    """slurm: submit the jobs. false writes their sbatch scripts and a submit.sh into curated/.work/<source>/slurm/
+    without submitting anything (to read them, or to submit them by hand)."""
     language_id: LanguageIdConfig = LanguageIdConfig()
     filters: FiltersConfig = FiltersConfig()
     minhash: MinhashSettings = MinhashSettings()
-    rehydrate: dict[int, int] | None = Field(default_factory=lambda: dict(FINEWEB2_REHYDRATION))
-    """{min cluster size: times written}; null writes each kept document once."""
+    rehydrate: Literal["fineweb2"] | dict[int, int] | None = Field(default_factory=lambda: dict(FINEWEB2_REHYDRATION))
+    """{min cluster size: times written}; `fineweb2`: FineWeb2's weights for the curated language (up to
+    `max_repetitions` times); null writes each kept document once."""
+    max_repetitions: int = Field(default=5, ge=min(MAX_REPETITIONS), le=max(MAX_REPETITIONS))
+    """With `rehydrate: fineweb2`: FineWeb2's weights for at most this many copies of a document (3 to 10, the
+    tables FineWeb2 published; its own experiments used 10)."""
+
+    @field_validator("rehydrate", mode="before")
+    @classmethod
+    def _table_or_fineweb2(cls, value: Any) -> Any:
+        if isinstance(value, str) and value != "fineweb2":
+            raise ValueError(f"expected a table {{cluster size: times}}, `fineweb2` or null, got {value!r}")
+        return value
 
     @field_validator("rehydrate")
     @classmethod
-    def _rehydration_table(cls, table: dict[int, int] | None) -> dict[int, int] | None:
-        if table is None:
-            return None
+    def _rehydration_table(cls, table: dict[int, int] | str | None) -> dict[int, int] | str | None:
+        if table is None or isinstance(table, str):
+            return table
         if 1 not in table:
             raise ValueError("must give the times for cluster size 1 (documents without duplicates)")
         for size, times in table.items():
             if size < 1 or times < 0:
                 raise ValueError(f"cluster sizes must be >= 1 and times >= 0, got {size}: {times}")
         return dict(sorted(table.items()))
+
+    @field_validator("submit")
+    @classmethod
+    def _submit_is_slurm(cls, submit: bool, info: ValidationInfo) -> bool:
+        if not submit and info.data.get("executor") != "slurm":
+            raise ValueError("only the slurm executor submits jobs (executor is "
+                             f"{info.data.get('executor', 'local')})")
+        return submit
 
     @field_validator("executor_options")
     @classmethod

@@ -2,8 +2,9 @@
 
 Curation runs as a few jobs (filter, MinHash signatures, buckets, clusters, dedup, finalize), each one datatrove
 executor with its own logging folder (task logs, per-task stats, completion marks). Local and Ray executors run a
-job to its end before the next starts; Slurm executors are chained with `depends` and submitted at once. A job that
-was interrupted resumes where it stopped: datatrove skips the tasks it marked complete.
+job to its end before the next starts; Slurm executors are chained with `depends` and submitted at once (or
+written out without submitting: graftlm/curate/slurm.py). A job that was interrupted resumes where it stopped:
+datatrove skips the tasks it marked complete.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from datatrove.executor import LocalPipelineExecutor
+from datatrove.executor import LocalPipelineExecutor, RayPipelineExecutor
 from datatrove.pipeline.base import PipelineStep
 
 from graftlm.curate.config import CurateConfig
 from graftlm.curate.stats import progress_bytes
+from graftlm.errors import GraftError
 from graftlm.progress import bytes_progress
 
 
@@ -48,15 +50,11 @@ class QuietLocalExecutor(LocalPipelineExecutor):
 
     def run(self):
         import multiprocess
-        from datatrove.utils.logging import logger, setup_default_logger
 
         if self.start_method == "forkserver":
             multiprocess.set_forkserver_preload(FORKSERVER_PRELOAD)  # no effect once the server runs
-        logger.remove()
-        try:
+        with quiet_datatrove():
             return super().run()
-        finally:
-            setup_default_logger()
 
     def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
         from datatrove.utils.logging import logger
@@ -69,6 +67,31 @@ class QuietLocalExecutor(LocalPipelineExecutor):
                 logger.remove()  # the sinks datatrove left on the closed devnull
 
 
+class QuietRayExecutor(RayPipelineExecutor):
+    """datatrove's RayPipelineExecutor, without its log on this terminal (the tasks' logs are in the logging folder,
+    and Ray is started with log_to_driver=False)."""
+
+    def __init__(self, *args, **kwargs):
+        with quiet_datatrove():  # a warning that the logging folder must be shared: the README says so
+            super().__init__(*args, **kwargs)
+
+    def run(self):
+        with quiet_datatrove():
+            return super().run()
+
+
+@contextlib.contextmanager
+def quiet_datatrove():
+    """datatrove's log off the terminal while the block runs."""
+    from datatrove.utils.logging import logger, setup_default_logger
+
+    logger.remove()
+    try:
+        yield
+    finally:
+        setup_default_logger()
+
+
 def make_executor(config: CurateConfig, job: Job, job_name: str, depends=None):
     common = dict(pipeline=job.pipeline, tasks=job.tasks, workers=min(config.workers, job.tasks),
                   logging_dir=str(job.logging_dir), **config.executor_options)
@@ -78,12 +101,13 @@ def make_executor(config: CurateConfig, job: Job, job_name: str, depends=None):
         from datatrove.executor import SlurmPipelineExecutor
 
         return SlurmPipelineExecutor(**common, job_name=f"{job_name}-{job.name}", depends=depends)
-    import ray
-    from datatrove.executor import RayPipelineExecutor
-
+    try:
+        import ray
+    except ImportError:
+        raise GraftError("curate.executor: ray needs the `ray` package (pip install 'graftlm[ray]')") from None
     if not ray.is_initialized():
-        ray.init()  # a local Ray, or the cluster that RAY_ADDRESS names
-    return RayPipelineExecutor(**common)
+        ray.init(log_to_driver=False)  # the cluster that RAY_ADDRESS names, or a Ray started here
+    return QuietRayExecutor(**common)
 
 
 def run_jobs(config: CurateConfig, jobs: list[Job], job_name: str, label: str) -> None:
@@ -100,13 +124,23 @@ def run_jobs(config: CurateConfig, jobs: list[Job], job_name: str, label: str) -
             if job.progress_folder is None:  # a quick job: an indeterminate bar while it runs
                 task = progress.add_task(f"curate {label}: {job.name}", total=None)
                 executor.run()
+                _check_complete(job, executor)
                 progress.remove_task(task)
                 continue
             total = job.progress_total()
             task = progress.add_task(f"curate {label}: {job.name}", total=total)
             with _polled(progress, task, job.progress_folder):
                 executor.run()
+            _check_complete(job, executor)
             progress.update(task, completed=total)
+
+
+def _check_complete(job: Job, executor) -> None:
+    """datatrove's Ray executor only warns when a task failed; the next job must not read a partial output."""
+    failed = executor.get_incomplete_ranks(skip_completed=True)
+    if failed:
+        raise GraftError(f"curate: {len(failed)} of {executor.world_size} tasks of '{job.name}' failed "
+                         f"(their logs: {job.logging_dir / 'logs'})")
 
 
 @contextlib.contextmanager

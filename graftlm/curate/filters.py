@@ -1,9 +1,10 @@
 """Quality filters with the curated language's word splitting and thresholds.
 
-A threshold comes from, in order: the recipe (`curate.filters.<filter>.<key>`), the language's defaults below,
-datatrove's own default (FineWeb English). Words are split by datatrove's tokenizer for the language (Vietnamese:
-spaCy + pyvi, which joins the syllables of a word: `thành phố` is one word), so word counts and n-grams mean the
-same thing in every language.
+A threshold comes from, in order: the recipe (`curate.filters.<filter>.<key>`), FineWeb2's value for the language
+(graftlm/curate/fineweb2.py: thresholds and stop words tuned for each of its 1,929 languages), datatrove's own
+default (FineWeb English). Words are split by the tokenizer datatrove assigns the language (Vietnamese: spaCy +
+pyvi, which joins the syllables of a word: `thành phố` is one word; Chinese: jieba), so word counts and n-grams
+mean the same thing in every language.
 """
 
 from __future__ import annotations
@@ -17,42 +18,8 @@ from datatrove.pipeline.writers.disk_base import DiskWriter
 from datatrove.utils.word_tokenizers import WordTokenizer, load_word_tokenizer, strip_strings
 
 from graftlm.curate.config import FiltersConfig
-
-# FineWeb2's changes for every non-English language: no paragraph checks (extracted web text has none), no
-# short-line check, 10x looser duplicated-line characters.
-_FINEWEB2_MULTILINGUAL = {
-    "gopher_repetition": {"dup_para_frac": 0, "dup_line_char_frac": 0, "dup_para_char_frac": 0},
-    "fineweb_quality": {"short_line_thr": 999, "char_duplicates_ratio": 0.1},
-}
-
-# FineWeb2's thresholds and stop words tuned per language (github.com/huggingface/fineweb-2, configs/<lang>.yml).
-_FINEWEB2_TUNED = {
-    "vi": {
-        "gopher_repetition": {
-            "dup_line_frac": 0.293,
-            "top_n_grams": [(2, 0.223), (3, 0.197), (4, 0.171)],
-            "dup_n_grams": [(5, 0.178), (6, 0.163), (7, 0.15), (8, 0.136), (9, 0.124), (10, 0.111)],
-        },
-        "fineweb_quality": {"line_punct_thr": 0.333, "new_line_ratio": 0.103},
-        "gopher_quality": {
-            "min_avg_word_length": 3, "max_avg_word_length": 11, "max_non_alpha_words_ratio": 0.803,
-            "stop_words": ["là", "và", "của", "một", "được", "trong", "năm", "các", "có", "loài", "này", "đã",
-                           "người"],
-        },
-    },
-    "id": {
-        "gopher_repetition": {
-            "dup_line_frac": 0.25,
-            "top_n_grams": [(2, 0.088), (3, 0.104), (4, 0.12)],
-            "dup_n_grams": [(5, 0.176), (6, 0.158), (7, 0.142), (8, 0.128), (9, 0.119), (10, 0.109)],
-        },
-        "fineweb_quality": {"line_punct_thr": 0.25, "new_line_ratio": 0.222},
-        "gopher_quality": {
-            "min_avg_word_length": 3, "max_avg_word_length": 11, "max_non_alpha_words_ratio": 0.805,
-            "stop_words": ["dan", "yang", "di", "pada", "dari", "ini", "dengan", "adalah", "untuk", "dalam"],
-        },
-    },
-}
+from graftlm.curate.fineweb2 import filter_defaults
+from graftlm.languages import language
 
 FILTER_CLASSES: dict[str, type[BaseFilter]] = {
     "gopher_repetition": GopherRepetitionFilter,
@@ -62,19 +29,21 @@ FILTER_CLASSES: dict[str, type[BaseFilter]] = {
 }
 
 
-class VietnameseWords(WordTokenizer):
-    """datatrove's Vietnamese words (spaCy's Vietnamese tokenizer with pyvi) without building a spaCy document
-    around them: the same words, in ~40% less time, and word splitting is most of the filters' cost."""
+class LanguageWords(WordTokenizer):
+    """The word tokenizer datatrove assigns a language (by its FineWeb2 name, e.g. `cmn_Hani`: spaCy with jieba),
+    loaded in the process that uses it. It holds only the name, so that datatrove can copy a pipeline that holds
+    it (an in-process run deep-copies each task's pipeline; a loaded jieba or spaCy object cannot be copied)."""
 
-    def __init__(self):
-        super().__init__("vi")
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
 
     @property
     def _datatrove(self) -> WordTokenizer:
-        return load_word_tokenizer("vi")
+        return load_word_tokenizer(self.key)
 
     def word_tokenize(self, text: str) -> list[str]:
-        return strip_strings(self._datatrove.tokenizer.tokenizer.pyvi_tokenize(text))
+        return self._datatrove.word_tokenize(text)
 
     def sent_tokenize(self, text: str) -> list[str]:
         return self._datatrove.sent_tokenize(text)
@@ -83,25 +52,31 @@ class VietnameseWords(WordTokenizer):
         return self._datatrove.span_tokenize(text)
 
 
-def word_splitter(lang: str) -> str | WordTokenizer:
-    """What datatrove's steps get as `language`: a code (datatrove picks the tokenizer) or a tokenizer. One object
-    for all the filters of a pipeline, so that datatrove's cache splits each document once."""
-    return VietnameseWords() if lang == "vi" else lang
+class VietnameseWords(LanguageWords):
+    """datatrove's Vietnamese words (spaCy's Vietnamese tokenizer with pyvi) without building a spaCy document
+    around them: the same words, in ~40% less time, and word splitting is most of the filters' cost."""
+
+    def __init__(self):
+        super().__init__("vie_Latn")
+
+    def word_tokenize(self, text: str) -> list[str]:
+        return strip_strings(self._datatrove.tokenizer.tokenizer.pyvi_tokenize(text))
 
 
-def language_defaults(lang: str, filter_name: str) -> dict:
-    """The thresholds a language uses for a filter when the recipe leaves them unset."""
-    if lang == "en":
-        return {}  # datatrove's defaults are FineWeb's English ones
-    return {**_FINEWEB2_MULTILINGUAL.get(filter_name, {}), **_FINEWEB2_TUNED.get(lang, {}).get(filter_name, {})}
+def word_splitter(lang: str) -> WordTokenizer:
+    """What datatrove's steps get as `language`: the tokenizer datatrove assigns the language. One object for all
+    the filters of a pipeline, so that datatrove's cache splits each document once."""
+    found = language(lang)
+    return VietnameseWords() if found.code == "vi" else LanguageWords(found.fineweb2)
 
 
 def filter_settings(config: FiltersConfig, lang: str, filter_name: str) -> dict:
-    """The keyword arguments of a filter's datatrove class for a language: language defaults, then the recipe."""
+    """The keyword arguments of a filter's datatrove class for a language: FineWeb2's for it, then the recipe."""
     recipe = getattr(config, filter_name).model_dump(exclude={"enabled"}, exclude_none=True)
-    settings = {**language_defaults(lang, filter_name), **recipe}
-    if filter_name == "gopher_quality" and lang != "en" and "stop_words" not in settings:
-        settings.setdefault("min_stop_words", 0)  # datatrove's stop words are English: no list, no check
+    settings = {**filter_defaults(lang, filter_name), **recipe}
+    if filter_name == "gopher_quality" and "stop_words" not in settings and language(lang).code != "en" \
+            and "min_stop_words" not in recipe:
+        settings["min_stop_words"] = 0  # datatrove's stop words are English: without the language's, no check
     return settings
 
 

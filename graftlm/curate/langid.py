@@ -2,38 +2,23 @@
 
 Backends: py3langid (97 languages, its model ships in the PyPI package; the fastest), lingua (75 languages, models
 in the package; slower, strong on short text), and any local fastText model (GlotLID's model_v3.bin, FineWeb2's
-choice, or lid.176.bin). Every backend answers with a normalised language code (ISO 639-1 where one exists:
-GlotLID's `vie_Latn` becomes `vi`) and its confidence in [0, 1].
+choice, covers its 1,929 languages; or lid.176.bin). Every backend answers with a canonical language code
+(graftlm/languages.py: GlotLID's `vie_Latn` becomes `vi`, `cmn_Hani` becomes `zh`) and its confidence in [0, 1].
+A backend that cannot name the curated language is refused before any work (`check_backend_knows`).
 """
 
 from __future__ import annotations
-
-import csv
-import os
-from functools import lru_cache
 
 from datatrove.data import Document
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.writers.disk_base import DiskWriter
 
 from graftlm.curate.config import LanguageIdConfig
+from graftlm.curate.fineweb2 import language_score
+from graftlm.errors import RecipeError
+from graftlm.languages import label_language, language, normalize_language
 
 UNKNOWN = "und"
-
-
-@lru_cache(maxsize=1)
-def _iso639_3_to_1() -> dict[str, str]:
-    """ISO 639-3 → 639-1 codes, from the language table datatrove ships for its word tokenizers."""
-    from datatrove.utils._import_utils import ASSETS_PATH
-
-    with open(os.path.join(ASSETS_PATH, "tokenizer_assignment.csv"), encoding="utf-8") as f:
-        return {row["code_3"]: row["code_1"] for row in csv.DictReader(f) if row["code_1"]}
-
-
-def normalize_language(code: str) -> str:
-    """`__label__vie_Latn`, `vie`, `VI`, `vi-VN` → `vi`; a code without a two-letter form stays three letters."""
-    code = code.removeprefix("__label__").replace("-", "_").split("_")[0].lower()
-    return _iso639_3_to_1().get(code, code) if len(code) == 3 else code
 
 
 class Py3langidIdentifier:
@@ -44,7 +29,10 @@ class Py3langidIdentifier:
 
     def __call__(self, text: str) -> tuple[str, float]:
         lang, confidence = self._model.classify(text)
-        return normalize_language(lang), float(confidence)
+        return label_language(lang), float(confidence)
+
+    def labels(self) -> list[str]:
+        return list(self._model.nb_classes)
 
 
 class LinguaIdentifier:
@@ -58,7 +46,13 @@ class LinguaIdentifier:
         if not ranked:  # no letters at all
             return UNKNOWN, 0.0
         best = ranked[0]
-        return best.language.iso_code_639_1.name.lower(), float(best.value)
+        return label_language(best.language.iso_code_639_1.name), float(best.value)
+
+    @staticmethod
+    def labels() -> list[str]:
+        from lingua import Language
+
+        return [lang.iso_code_639_1.name for lang in Language.all()]
 
 
 class FastTextIdentifier:
@@ -71,7 +65,10 @@ class FastTextIdentifier:
         labels, scores = self._model.predict(text.replace("\n", " "), k=1)  # fastText reads a single line
         if not labels:
             return UNKNOWN, 0.0
-        return normalize_language(labels[0]), min(float(scores[0]), 1.0)
+        return label_language(labels[0]), min(float(scores[0]), 1.0)
+
+    def labels(self) -> list[str]:
+        return list(self._model.get_labels())
 
 
 def make_identifier(config: LanguageIdConfig):
@@ -83,9 +80,27 @@ def make_identifier(config: LanguageIdConfig):
 
 
 def threshold_for(config: LanguageIdConfig, lang: str) -> float:
-    """The minimum confidence for documents of `lang`: the recipe's for that language, else the default."""
-    thresholds = {normalize_language(code): value for code, value in config.thresholds.items()}
-    return thresholds.get(normalize_language(lang), config.default_threshold)
+    """The minimum confidence for documents of `lang`: the recipe's for that language, else FineWeb2's
+    `language_score` for it, else `default_threshold`."""
+    code = normalize_language(lang)
+    if code in config.thresholds:
+        return config.thresholds[code]
+    score = language_score(code)
+    return config.default_threshold if score is None else score
+
+
+def check_backend_knows(config: LanguageIdConfig, lang: str) -> None:
+    """A RecipeError, naming the languages the backend knows, when it cannot answer `lang` for any document (every
+    document would be dropped as another language)."""
+    known = sorted({label_language(label) for label in make_identifier(config).labels()})
+    target = language(lang)
+    if target.code in known:
+        return
+    hint = ("" if config.backend == "fasttext" else
+            "; for other languages use backend: fasttext with a GlotLID model (model: path/to/model_v3.bin from "
+            "huggingface.co/cis-lmu/glotlid: FineWeb2's choice, covers its 1,929 languages)")
+    raise RecipeError(f"curate.language_id.backend: {config.backend} does not know {target.name} ({target.code}); "
+                      f"it knows {len(known)} languages: {', '.join(known)}{hint}")
 
 
 class LanguageIdFilter(BaseFilter):

@@ -1,6 +1,8 @@
 """Rehydration (FineWeb2): after deduplication, write each kept document several times according to how many
 near-duplicates it had. Content that many pages repeat is usually worth more than content seen once; content
-repeated a thousand times is usually boilerplate, so the table brings it back to one copy."""
+repeated a thousand times is usually boilerplate, so the table brings it back to one copy. The table is the
+recipe's own (`curate.rehydrate: {size: times}`) or FineWeb2's for the language (`curate.rehydrate: fineweb2`,
+computed by FineWeb2 from how often each cluster size was filtered out in that language)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,22 @@ import bisect
 
 from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
+
+from graftlm.curate.fineweb2 import rehydration_weights
+from graftlm.errors import RecipeError
+from graftlm.languages import language
+
+
+def rehydration_table(rehydrate: dict[int, int] | str | None, max_repetitions: int, lang: str) -> dict[int, int] | None:
+    """The table in force for a language: the recipe's, or FineWeb2's for `lang` when the recipe says `fineweb2`."""
+    if rehydrate != "fineweb2":
+        return rehydrate
+    table = rehydration_weights(lang, max_repetitions)
+    if table is None:
+        found = language(lang)
+        raise RecipeError(f"curate.rehydrate: FineWeb2 has no rehydration weights for {found.name} ({found.code}, "
+                          f"{found.fineweb2}); give a table {{cluster size: times}} or null")
+    return table
 
 
 def times_for(table: dict[int, int], cluster_size: int) -> int:

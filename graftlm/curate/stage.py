@@ -27,19 +27,21 @@ from graftlm.curate.config import CurateConfig
 from graftlm.curate.dedup import ClusterSizeDedupFilter, buckets_step, cluster_step, minhash_config, signature_step
 from graftlm.curate.executors import Job, run_jobs
 from graftlm.curate.filters import FILTER_CLASSES, filter_settings, quality_filters
-from graftlm.curate.langid import LanguageIdFilter, normalize_language, threshold_for
+from graftlm.curate.langid import LanguageIdFilter, check_backend_knows, threshold_for
 from graftlm.curate.reader import IntermediateReader, SourceReader
-from graftlm.curate.rehydrate import Rehydrate
+from graftlm.curate.rehydrate import Rehydrate, rehydration_table
+from graftlm.curate.slurm import write_slurm_jobs
 from graftlm.curate.stats import Meter, build_stats, progress_bytes
 from graftlm.data.config import SourceConfig
 from graftlm.data.read import resolve_paths
 from graftlm.errors import DataError, GraftError, RecipeError
+from graftlm.languages import language
 from graftlm.progress import log
 from graftlm.runs import atomic_dir, file_signature, fingerprint, inside, read_json, write_json_atomic
 from graftlm.stage import Stage
 
 CURATE_FORMAT = 1
-EXECUTION_KEYS = {"sources", "executor", "executor_options", "workers", "tasks"}
+EXECUTION_KEYS = {"sources", "executor", "executor_options", "submit", "workers", "tasks"}
 
 
 class Curate(Stage):
@@ -85,8 +87,11 @@ def curate_source(run_name: str, name: str, source: SourceConfig, config: Curate
                   key: str = "") -> dict:
     """Run the curation jobs of one source into `curated/<name>/`, stats.json (holding the fingerprint `key`)
     last."""
-    lang = normalize_language(source.lang)
+    lang = language(source.lang).code
     _check_word_tokenizer(name, lang)
+    if config.language_id.enabled:
+        check_backend_knows(config.language_id, lang)
+    rehydration_table(config.rehydrate, config.max_repetitions, lang)  # FineWeb2 may have none for the language
     files = resolve_paths(source, name)
     final, work = inside(curated, name), inside(curated, ".work", name)
     tasks = config.tasks or config.workers
@@ -100,7 +105,13 @@ def curate_source(run_name: str, name: str, source: SourceConfig, config: Curate
     finalize = Finalize(header, work, final, inside(curated, "excluded", name),
                         {j.name: str(j.logging_dir) for j in jobs})
     jobs.append(Job("finalize", [finalize], 1, work / "logs/finalize"))
-    run_jobs(config, jobs, job_name=f"graft-{run_name}-{name}", label=name)
+    job_name = f"graft-{run_name}-{name}"
+    if not config.submit:
+        script = write_slurm_jobs(config, jobs, job_name, work / "slurm")
+        raise GraftError(f"curate: wrote the Slurm jobs that curate '{name}' without submitting them "
+                         f"(curate.submit is false): `bash {script}` submits them; run the same command again "
+                         f"when they are done")
+    run_jobs(config, jobs, job_name=job_name, label=name)
     if config.executor == "slurm":
         write_json_atomic(work / "submitted.json", {"jobs": [j.name for j in jobs]})
         raise GraftError(f"curate: submitted the curation of '{name}' to Slurm (logs: {work / 'logs'}); "
@@ -149,8 +160,9 @@ def plan_jobs(name: str, source: SourceConfig, lang: str, config: CurateConfig, 
         Job("minhash_buckets", [buckets_step(folder, minhash)], minhash.num_buckets, work / "logs/buckets"),
         Job("minhash_clusters", [cluster_step(folder, minhash)], 1, work / "logs/clusters"),
         Job("dedup_rehydrate", reread("dedup") + [ClusterSizeDedupFilter(folder, duplicates), Meter("minhash"),
-                                                  Rehydrate(config.rehydrate), Meter("rehydrate"),
-                                                  JsonlWriter(str(work / "output"))],
+                                                  Rehydrate(rehydration_table(config.rehydrate,
+                                                                              config.max_repetitions, lang)),
+                                                  Meter("rehydrate"), JsonlWriter(str(work / "output"))],
             tasks, work / "logs/dedup", work / "progress/dedup", kept_bytes),
     ]
 
@@ -198,11 +210,18 @@ def _open_work_dir(work: Path, key: str) -> None:
 
 
 def _check_word_tokenizer(name: str, lang: str) -> None:
-    from datatrove.utils.word_tokenizers import load_tokenizer_assignments
+    """The word tokenizer datatrove assigns the language exists and its package is installed (datatrove checks
+    the package when the tokenizer is made), before any work."""
+    from datatrove.utils.word_tokenizers import load_tokenizer_assignments, load_word_tokenizer
 
-    if lang not in load_tokenizer_assignments():
-        raise RecipeError(f"sources.{name}.lang: datatrove has no word tokenizer for '{lang}' (an ISO 639-1 or "
-                          f"639-3 code, e.g. vi, id, en)")
+    found = language(lang)
+    if found.fineweb2 not in load_tokenizer_assignments():
+        raise RecipeError(f"sources.{name}.lang: datatrove assigns no word tokenizer to {found.name} "
+                          f"({found.code}, {found.fineweb2}), which the quality filters need")
+    try:
+        load_word_tokenizer(found.fineweb2)
+    except ImportError as e:
+        raise RecipeError(f"sources.{name}.lang: the word tokenizer for {found.name} needs a package: {e}") from None
 
 
 def _settings(config: CurateConfig, lang: str) -> dict:
@@ -214,7 +233,7 @@ def _settings(config: CurateConfig, lang: str) -> dict:
         "filters": {name: filter_settings(config.filters, lang, name) for name in FILTER_CLASSES
                     if getattr(config.filters, name).enabled},
         "minhash": config.minhash.enabled and config.minhash.model_dump(exclude={"enabled"}),
-        "rehydrate": config.minhash.enabled and config.rehydrate,
+        "rehydrate": config.minhash.enabled and rehydration_table(config.rehydrate, config.max_repetitions, lang),
     }
 
 

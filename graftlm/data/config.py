@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_serializer, model_validator
 
-from graftlm.config import RecipePath, Section
+from graftlm.config import LanguageCode, RecipePath, Section
 
 
 class SourceConfig(Section):
@@ -20,8 +20,9 @@ class SourceConfig(Section):
     """How a .txt file splits into documents: the whole file, each line, or blank-line separated paragraphs."""
     on_error: Literal["stop", "skip"] = "stop"
     """`stop`: a bad record ends the stage with its file and line; `skip`: it is skipped and counted."""
-    lang: str | None = None
-    """ISO 639-1 language code (`vi`, `en`), used by curation and the fertility report."""
+    lang: LanguageCode | None = None
+    """The source's language: ISO 639-1 (`vi`, `sw`), ISO 639-3 (`swh`) or FineWeb2's `swh_Latn`, held as one
+    canonical code (graftlm/languages.py). Curation and vocabulary extension take the language's settings by it."""
     max_documents: int | None = Field(default=None, ge=1)
     """Read at most this many documents (a quick way to subsample)."""
 

@@ -5,6 +5,10 @@ bytes rather than tokens means a tokenizer that cuts text into more, cheaper pie
 scored on its own, starting from the BOS token (EOS where there is none), every one of its tokens counted; a
 document longer than the context is cut into overlapping windows, each token scored once with at least
 `max_length - stride` tokens of left context.
+
+Fertility (tokens per word) is counted per whitespace-separated word where the set's language separates words by
+spaces, and per character (whitespace not counted) where it does not (Chinese, Japanese, Thai, ...): a Chinese
+sentence is one "word" between spaces, which would make any tokenizer look absurd.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from graftlm.data.config import SourceConfig
 from graftlm.data.read import read_documents
 from graftlm.errors import DataError
 from graftlm.evaluate.scoring import Span, log_likelihoods
+from graftlm.languages import fertility_unit
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -29,24 +34,36 @@ class TextSet:
     path: str
     documents: list[list[int]]
     bytes: list[int]
-    words: list[int]
+    units: list[int]
+    """Per document, the fertility units: whitespace-separated words, or characters (see `unit`)."""
+    unit: str = "word"
+    """`word` or `character`."""
 
     def head(self, count: int | None) -> "TextSet":
         """The first `count` documents (all when None)."""
         if count is None or count >= len(self.documents):
             return self
-        return TextSet(self.path, self.documents[:count], self.bytes[:count], self.words[:count])
+        return TextSet(self.path, self.documents[:count], self.bytes[:count], self.units[:count], self.unit)
 
 
 def load_text_set(path: str, tokenizer: "PreTrainedTokenizerBase", text_field: str = "text",
-                  max_documents: int | None = None) -> TextSet:
-    """Read a .txt (a document per line), .tsv (a `text_field` column) or .jsonl (`text_field`) file."""
+                  max_documents: int | None = None, lang: str | None = None) -> TextSet:
+    """Read a .txt (a document per line), .tsv (a `text_field` column) or .jsonl (`text_field`) file. `lang` (a
+    language code, or a set name that may be one) decides whether fertility counts words or characters."""
     source = SourceConfig(paths=[path], text_field=text_field, txt_documents="line", max_documents=max_documents)
     texts = list(read_documents(source))
     if not texts:
         raise DataError(f"{path}: no documents (every line is empty)")
     documents = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return TextSet(path, documents, [len(t.encode("utf-8")) for t in texts], [len(t.split()) for t in texts])
+    unit = fertility_unit(lang)
+    units = [len(t.split()) if unit == "word" else sum(not c.isspace() for c in t) for t in texts]
+    return TextSet(path, documents, [len(t.encode("utf-8")) for t in texts], units, unit)
+
+
+def fertility(result: dict) -> tuple[float, str]:
+    """(tokens per unit, unit) of a result that holds `tokens_per_word` or `tokens_per_character`."""
+    unit = "character" if "tokens_per_character" in result else "word"
+    return result[f"tokens_per_{unit}"], unit
 
 
 def windows(ids: list[int], max_length: int, stride: int | None = None) -> list[Span]:
@@ -73,10 +90,10 @@ def windows(ids: list[int], max_length: int, stride: int | None = None) -> list[
 def bits_per_byte(model: "PreTrainedModel", text_set: TextSet, start_id: int, pad_id: int, max_length: int,
                   batch_size: int = 16, dtype: str = "float32",
                   on_batch: Callable[[int, int], None] | None = None) -> dict:
-    """{"bpb", "tokens_per_byte", "tokens_per_word", "documents"} of a text set."""
+    """{"bpb", "tokens_per_byte", "tokens_per_word" (or "tokens_per_character"), "documents"} of a text set."""
     spans = [span for doc in text_set.documents for span in windows([start_id, *doc], max_length)]
     nats = -sum(log_likelihoods(model, spans, pad_id, batch_size, dtype, on_batch))
-    tokens, size, words = sum(map(len, text_set.documents)), sum(text_set.bytes), sum(text_set.words)
+    tokens, size, units = sum(map(len, text_set.documents)), sum(text_set.bytes), sum(text_set.units)
     return {"bpb": nats / math.log(2) / size, "tokens_per_byte": tokens / size,
-            "tokens_per_word": tokens / words, "documents": len(text_set.documents)}
+            f"tokens_per_{text_set.unit}": tokens / max(units, 1), "documents": len(text_set.documents)}
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Callable, Literal
 from graftlm.data.read import read_json_objects
 from graftlm.errors import DataError
 from graftlm.evaluate.scoring import Span, log_likelihoods
+from graftlm.languages import label_language, normalize_language
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -40,7 +41,8 @@ XCOPA_CONNECTIVES = {
     "vi": ("bởi vì", "vì vậy"),
     "zh": ("因为", "所以"),
 }
-"""(cause, effect) connectives per language, as in lm-evaluation-harness (English as in its COPA task)."""
+"""(cause, effect) connectives per language (canonical codes, graftlm/languages.py), as in lm-evaluation-harness
+(English as in its COPA task)."""
 TARGET_DELIMITER = " "
 
 
@@ -68,6 +70,7 @@ def load_choice_set(path: str, format: ChoiceFormat = "auto", lang: str | None =
         raise DataError(f"{path}: no items")
     if format == "auto":
         format = _detect_format(path, *records[0])
+    lang = normalize_language(lang) if lang is not None else None
     if format == "generic":
         return ChoiceSet(path, format, lang, [_generic_item(path, line, obj) for line, obj in records])
     if lang is None:
@@ -90,7 +93,8 @@ def _detect_format(path: str, line: int, first: dict) -> str:
 def _detect_language(path: str, premises: list[str]) -> str:
     import py3langid
 
-    lang, _ = py3langid.classify(" ".join(premises))
+    label, _ = py3langid.classify(" ".join(premises))
+    lang = label_language(label)
     if lang not in XCOPA_CONNECTIVES:
         raise DataError(f"{path}: the premises look like language '{lang}', which has no XCOPA connectives; "
                         f"name the language (--lang, or `lang:` in the recipe): {', '.join(sorted(XCOPA_CONNECTIVES))}")

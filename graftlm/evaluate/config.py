@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from graftlm.config import RecipePath, Section
+from graftlm.config import LanguageCode, RecipePath, Section
 
 
 class ChoiceSetConfig(Section):
@@ -15,8 +15,9 @@ class ChoiceSetConfig(Section):
     path: RecipePath
     format: Literal["auto", "xcopa", "generic"] = "auto"
     """`xcopa` (premise, choice1, choice2, question, label), `generic` (context, choices, label), or `auto`."""
-    lang: str | None = None
-    """The language of XCOPA's connectives (`vi`: "bởi vì"/"vì vậy"); detected from the premises when absent."""
+    lang: LanguageCode | None = None
+    """The set's language (XCOPA: that of its connectives, `vi`: "bởi vì"/"vì vậy"); detected from the premises
+    when absent."""
 
     @model_validator(mode="before")
     @classmethod
@@ -27,7 +28,8 @@ class ChoiceSetConfig(Section):
 class EvalConfig(Section):
     text: dict[str, RecipePath] = {}
     """Held-out text per language (`vi: eval/vie.tsv`), scored in bits per byte: .txt (a document per line),
-    .tsv (a `text` column) or .jsonl (`text_field`)."""
+    .tsv (a `text` column) or .jsonl (`text_field`). A name that is a language code (`vi`, `zho_Hans`) says the
+    set's language: fertility is counted per character for a language written without spaces, else per word."""
     text_field: str = "text"
     """The .jsonl field or .tsv column holding the text."""
     choice: dict[str, ChoiceSetConfig] = {}

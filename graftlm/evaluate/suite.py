@@ -3,7 +3,7 @@
     evaluator = Evaluator.from_config(recipe.eval, tokenizer)
     results = evaluator(model)             # the during-training subsets (eval.max_documents / eval.max_items)
     results = evaluator(model, full=True)  # every document and item
-    # {"text": {"vi": {"bpb", "tokens_per_byte", "tokens_per_word", "documents"}},
+    # {"text": {"vi": {"bpb", "tokens_per_byte", "tokens_per_word", "documents"}},   (zh: tokens_per_character)
     #  "choice": {"xcopa_vi": {"accuracy", "accuracy_norm", "ci95", "n"}}}
 
 `graft eval` builds the same object from its options (the set names are then the file paths), so the numbers
@@ -16,7 +16,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from graftlm.evaluate.bpb import TextSet, bits_per_byte, load_text_set
+from graftlm.evaluate.bpb import TextSet, bits_per_byte, fertility, load_text_set
 from graftlm.evaluate.choice import ChoiceSet, EncodedChoice, choice_accuracy, encode_item, load_choice_set
 from graftlm.evaluate.config import EvalConfig
 from graftlm.evaluate.scoring import context_length, pad_token_id, start_token_id
@@ -52,9 +52,13 @@ class Evaluator:
         return cls.from_config(config, tokenizer)
 
     @classmethod
-    def from_config(cls, config: EvalConfig, tokenizer: "PreTrainedTokenizerBase") -> "Evaluator":
-        """Read and tokenise every set of `config` (a bad file fails here, before any model work)."""
-        text = {name: load_text_set(path, tokenizer, config.text_field) for name, path in config.text.items()}
+    def from_config(cls, config: EvalConfig, tokenizer: "PreTrainedTokenizerBase",
+                    languages: dict[str, str] | None = None) -> "Evaluator":
+        """Read and tokenise every set of `config` (a bad file fails here, before any model work). A text set's
+        language is `languages[name]`, else its name (`vi`, `zh`): it decides what fertility counts."""
+        languages = languages or {}
+        text = {name: load_text_set(path, tokenizer, config.text_field, lang=languages.get(name, name))
+                for name, path in config.text.items()}
         choice = {name: load_choice_set(c.path, c.format, c.lang) for name, c in config.choice.items()}
         return cls(config, tokenizer, text, choice)
 
@@ -95,13 +99,14 @@ def _bar(progress: "Progress | None", description: str) -> Iterator[Callable[[in
         progress.remove_task(task)
 
 
-def evaluate_model(model_spec: str, config: EvalConfig, show_progress: bool = True) -> dict:
+def evaluate_model(model_spec: str, config: EvalConfig, show_progress: bool = True,
+                   languages: dict[str, str] | None = None) -> dict:
     """`graft eval`: load a model (anything `base_model:` accepts) and score every set of `config` in full."""
     from graftlm.models import load_model, load_tokenizer
     from graftlm.progress import log, steps_progress
 
     tokenizer = load_tokenizer(model_spec)
-    evaluator = Evaluator.from_config(config, tokenizer)
+    evaluator = Evaluator.from_config(config, tokenizer, languages)
     for name, encoded_set in evaluator.choice.items():
         if encoded_set.choice_set.format == "xcopa":
             log(f"eval: {name}: XCOPA, connectives in '{encoded_set.choice_set.lang}'")
@@ -126,10 +131,11 @@ def results_table(results: dict) -> "Group":
 
     tables = []
     if results["text"]:
-        text = table("text", "bits/byte", "tokens/byte", "tokens/word", "documents")
+        text = table("text", "bits/byte", "tokens/byte", "tokens/word or /char", "documents")
         for name, r in results["text"].items():
-            text.add_row(name, f"{r['bpb']:.4f}", f"{r['tokens_per_byte']:.4f}", f"{r['tokens_per_word']:.3f}",
-                         str(r["documents"]))
+            per_unit, unit = fertility(r)
+            text.add_row(name, f"{r['bpb']:.4f}", f"{r['tokens_per_byte']:.4f}",
+                         f"{per_unit:.3f} /{'word' if unit == 'word' else 'char'}", str(r["documents"]))
         tables.append(text)
     if results["choice"]:
         choice = table("choice", "accuracy", "95% CI", "acc/byte", "n")

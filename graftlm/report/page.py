@@ -52,7 +52,7 @@ def build_report(recipe: Recipe, run: RunDir) -> Verdict | None:
     sections = [
         f"<h1>graftlm run: {_e(recipe.name)}</h1>",
         f"<p class='muted'>base model {_e(recipe.base_model)} · {_e(str(run.root))}</p>",
-        _verdict_section(verdict, training, read_json(run.timings) if run.timings.is_file() else {}),
+        _verdict_section(verdict, training, read_json(run.timings) if run.timings.is_file() else {}, metrics),
         "<h2>Curves</h2>" + "".join(embed_png(f) for f in figures if f) if any(figures) else "",
         _data_section(run),
         f"<h2>Recipe</h2><details><summary>the resolved recipe</summary><pre>{_e(recipe.to_yaml())}</pre></details>",
@@ -102,7 +102,7 @@ def model_card(recipe: Recipe, verdict: Verdict | None, training: dict) -> str:
     return "\n".join(lines)
 
 
-def _verdict_section(verdict: Verdict | None, training: dict, timings: dict) -> str:
+def _verdict_section(verdict: Verdict | None, training: dict, timings: dict, metrics: list[dict]) -> str:
     if verdict is None:
         return "<h2>Verdict</h2><p>Not evaluated yet: the verdict needs the base and a trained evaluation.</p>"
     tokens = training.get("tokens")
@@ -110,11 +110,23 @@ def _verdict_section(verdict: Verdict | None, training: dict, timings: dict) -> 
     speed = f" · {tokens / elapsed:,.0f} tokens/s" if tokens and elapsed else ""
     trained = (f"<p>{tokens:,} tokens in {training.get('step')} steps, {elapsed:,.0f} s of training{speed}; "
                f"{training.get('skipped_steps', 0)} skipped steps.</p>" if tokens else "")
+    trained += _utilisation(metrics)
     if timings:
         trained += f"<p>Wall time {wall_time(timings)} (training includes its evaluations).</p>"
     rows = [row[:5] + ((row[5], row[5].split()[-1]),) for row in verdict_rows(verdict)]
     return (f"<h2>Verdict</h2><p class='summary'>{_e(verdict.summary())}</p>{trained}"
             + html_table(("role", "set", "metric", "base", "trained", "change"), rows, text_columns=3))
+
+
+def _utilisation(metrics: list[dict]) -> str:
+    """The median MFU of the training steps and the largest peak memory of any process."""
+    steps = [r for r in metrics if "loss" in r]
+    mfus = sorted(r["mfu"] for r in steps if r.get("mfu") is not None)
+    memory = [m for r in steps for m in r.get("memory_gib") or []]
+    parts = ([f"model FLOPs utilisation {mfus[len(mfus) // 2]:.1%} (median of the steps; 6·N + attention FLOPs "
+              "per token against the devices' bf16 peak)"] if mfus else []) + \
+        ([f"peak memory {max(memory):.2f} GiB per process"] if memory else [])
+    return f"<p>{_e('; '.join(parts))}.</p>" if parts else ""
 
 
 def _data_section(run: RunDir) -> str:
@@ -148,15 +160,24 @@ def _curation(stats: dict) -> str:
 
 
 def _vocabulary(stats: dict) -> str:
-    """Tokens per word and per byte on each language's held-out text, before and after the extension."""
-    rows = [(lang, f"{f['before']['tokens_per_word']:.3f}", f"{f['after']['tokens_per_word']:.3f}",
-             f"{f['before']['tokens_per_byte']:.4f}", f"{f['after']['tokens_per_byte']:.4f}",
-             f"{f['identical_documents']:.1%}") for lang, f in stats["fertility"].items()]
-    page = (f"<h3>Vocabulary extension</h3><p>{stats['new_tokens']:,} new tokens learned from "
-            f"'{_e(stats['source'])}' ({stats['family']}), new rows initialised by {_e(stats['init'])}; "
-            f"examples: {_e(' '.join(stats['examples'][:20]))}</p>"
-            + html_table(("language", "tokens/word before", "after", "tokens/byte before", "after",
-                      "documents tokenised as before"), rows, text_columns=1))
+    """Tokens per word (per character for a language without spaces) and per byte on each language's held-out
+    text, before and after the extension."""
+    rows = []
+    for lang, f in stats["fertility"].items():
+        unit = f.get("unit", "word")  # runs from before per-character fertility hold words only
+        rows.append((lang, f"tokens per {unit}", f"{f['before'][f'tokens_per_{unit}']:.3f}",
+                     f"{f['after'][f'tokens_per_{unit}']:.3f}", f"{f['before']['tokens_per_byte']:.4f}",
+                     f"{f['after']['tokens_per_byte']:.4f}", f"{f['identical_documents']:.1%}"))
+    replay = stats.get("replay") or {}
+    protected = (f" Replay protection on {', '.join(map(_e, replay['sources']))} ({replay['bytes'] / 1e6:.1f} MB): "
+                 f"{stats['skipped'].get('changes_replay', 0):,} candidates skipped, "
+                 f"{replay['changed_share']:.3%} of its words tokenised differently."
+                 if replay.get("words") else "")
+    page = (f"<h3>Vocabulary extension</h3><p>{stats['new_tokens']:,} new tokens (of {stats['requested']:,} asked "
+            f"for) learned from '{_e(stats['source'])}' ({stats['family']}), new rows initialised by "
+            f"{_e(stats['init'])}.{protected} Examples: {_e(' '.join(stats['examples'][:20]))}</p>"
+            + html_table(("language", "fertility", "before", "after", "tokens/byte before", "after",
+                          "documents tokenised as before"), rows, text_columns=2))
     step0 = stats.get("bpb_before_training") or {}
     if step0:
         sets = list(step0["base"])

@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
+from graftlm.languages import same_language  # noqa: E402
 from graftlm.report.verdict import eval_records  # noqa: E402
 
 TARGET_COLOR, SOURCE_COLOR = "#c0392b", "#2e6da4"
@@ -66,7 +67,7 @@ def eval_curves(metrics: list[dict], kind: str, target: str, langs: dict[str, st
         # the curve follows the training's weights; an exported model (EMA, merged) is a point of its own
         points = [(r["tokens"], r["eval"][kind][name][key]) for r in records
                   if name in r["eval"][kind] and "model" not in r]
-        color = TARGET_COLOR if langs.get(name, name) == target else SOURCE_COLOR
+        color = TARGET_COLOR if same_language(langs.get(name, name), target) else SOURCE_COLOR
         ax.plot([t for t, _ in points], [v for _, v in points], marker="o", markersize=3, color=color)
         if kind == "choice":  # small sets are noisy: draw the 95% interval around each point
             bands = [(r["tokens"], *r["eval"][kind][name]["ci95"]) for r in records

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from graftlm.languages import same_language
 from graftlm.recipe import Recipe
 
 
@@ -67,13 +68,13 @@ def compute_verdict(recipe: Recipe, metrics: list[dict]) -> Verdict | None:
     changes = []
     for name, result in last["eval"]["text"].items():
         if name in first["eval"]["text"]:
-            changes.append(Change("text", name, name, "target" if name == target else "source",
+            changes.append(Change("text", name, name, "target" if same_language(name, target) else "source",
                                   first["eval"]["text"][name]["bpb"], result["bpb"]))
     for name, result in last["eval"]["choice"].items():
         if name in first["eval"]["choice"]:
             config = recipe.eval.choice.get(name)
             lang = (config.lang if config is not None else None) or name
-            changes.append(Change("choice", name, lang, "target" if lang == target else "source",
+            changes.append(Change("choice", name, lang, "target" if same_language(lang, target) else "source",
                                   first["eval"]["choice"][name]["accuracy"], result["accuracy"]))
     changes.sort(key=lambda c: (c.role != "target", c.kind != "text", c.name))
     return Verdict(target, changes, first["step"], last["step"], recipe.report.source_margin_bpb)

@@ -18,6 +18,7 @@ import torch
 from graftlm.progress import log
 from graftlm.train.config import TrainConfig
 from graftlm.train.distill import Distiller
+from graftlm.train.flops import flops_per_token, mfu, peak_flops, peak_memory_bytes
 from graftlm.train.loss import CausalLMLoss
 from graftlm.train.methods import Method, trainable_count
 from graftlm.train.phases import Phase, phase_at
@@ -49,6 +50,10 @@ class TrainModule:
         self._resumed = (resumed_phase, resumed_optimizer)
         self._wrapped = self._params = None
         self.trainable = {p.index: trainable_count(*method.parameters(p.train), method.rows) for p in phases}
+        self.flops_per_token = flops_per_token(method.model.config, cfg.seq_len, model=method.model)
+        peak = peak_flops(accelerator.device)
+        self.peak_flops = peak * self.world if peak else None
+        """The devices' bf16 peak, all processes together (a table for CUDA, measured once for a CPU)."""
 
     sequences_per_step = property(lambda self: self.cfg.sequences_per_step)
     batch_tokens = property(lambda self: self.cfg.batch_tokens)
@@ -79,6 +84,16 @@ class TrainModule:
             extra["phase"] = self.phase.index
         return StepResult(loss - distilled if finite else None, lr,
                           grad_norm if math.isfinite(grad_norm) else None, not finite, extra)
+
+    def utilisation(self, tokens_per_s: float) -> dict:
+        """Model FLOPs utilisation (6·N + attention FLOPs per token, graftlm/train/flops.py, against the devices'
+        peak) and each process's peak memory in GiB (RSS on a CPU, allocated memory on CUDA)."""
+        device = self.accelerator.device
+        memory = torch.tensor([peak_memory_bytes(device) / 2**30], dtype=torch.float64, device=device)
+        per_rank = self.accelerator.gather(memory).tolist() if self.world > 1 else memory.tolist()
+        utilisation = mfu(tokens_per_s, self.flops_per_token, self.peak_flops)
+        return {"mfu": round(utilisation, 4) if utilisation is not None else None,
+                "memory_gib": [round(m, 3) for m in per_rank]}
 
     def _enter_phase(self, phase: Phase) -> None:
         """The phase's trainable parameters, its fresh optimizer (or the checkpoint's, when resuming inside it) and

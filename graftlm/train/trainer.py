@@ -103,9 +103,10 @@ class Trainer:
         state.phase = self.module.phase.index
         seconds = time.perf_counter() - started
         state.elapsed_s += seconds
+        tokens_per_s = self.module.batch_tokens / seconds
         record = {"step": state.step, "tokens": state.tokens, "loss": result.loss, "lr": result.lr,
-                  "grad_norm": result.grad_norm, "tokens_per_s": round(self.module.batch_tokens / seconds, 1),
-                  "tokens_by_source": self.sampler.tokens_by_source(self.module.seq_len),
+                  "grad_norm": result.grad_norm, "tokens_per_s": round(tokens_per_s, 1),
+                  **self.module.utilisation(tokens_per_s), "tokens_by_source": self.sampler.tokens_by_source(self.module.seq_len),
                   "epochs": self.sampler.epochs(), **result.extra}
         if result.skipped:
             record["skipped"] = True

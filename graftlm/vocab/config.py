@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from graftlm.config import Section
 
@@ -20,9 +20,19 @@ class VocabConfig(Section):
     """New embedding rows: `mean` of all base rows; `subword-mean` of the rows of the base tokens the new token
     used to be split into (FVT); `weighted`, a similarity-weighted combination of base rows (FOCUS-like, see
     graftlm/vocab/init.py); `random`, drawn as the architecture initialises a fresh row (the baseline)."""
-    ascii_tokens: bool = False
-    """Also add tokens made only of ASCII letters (Vietnamese `trong`, `khi`; but also English words and names
-    the target text shares). Off: English, code and numbers keep exactly the base's token ids."""
+    replay_ratio: float = Field(default=4.0, ge=0)
+    """Replay protection, whatever a token's characters: a candidate is added only when its share of the target
+    text's words is at least this many times the share of the replay text's words whose tokens it would change
+    (an unseen token made of characters the replay text uses counts one word: a sample cannot show it never
+    occurs). Measured on up to `replay_bytes` of the replay sources (every source not in the target's language,
+    its curated text when curation ran). Higher protects the replay language more; 0 switches the check off."""
+    max_replay_change: float = Field(default=1e-4, ge=0, le=1)
+    """And whatever it serves the target, a candidate is skipped when it would change the tokens of more than this
+    share of the replay text's words (1e-4: one in 10,000), e.g. a piece both languages use often."""
+    replay_bytes: int = Field(default=20_000_000, ge=1)
+    """Replay text read for the check, shared equally by the replay sources."""
+    ascii_tokens: Any = Field(default=None, exclude=True)
+    """Removed (see `replay_ratio`); kept only to say so."""
     pad_to_multiple_of: int = Field(default=64, ge=1)
     """Embedding rows are padded to a multiple of this (fast matrix shapes); padding rows are never produced."""
     train_bytes: int = Field(default=100_000_000, ge=1)
@@ -34,3 +44,13 @@ class VocabConfig(Section):
     compare_inits: bool = True
     """Also score the extended model under every init, before any training, on each `eval.text` set (bits per byte,
     beside the unextended base): in stats.json and the report. Costs about one evaluation per init."""
+
+
+    @field_validator("ascii_tokens")
+    @classmethod
+    def _removed(cls, value: Any) -> None:
+        if value is not None:
+            raise ValueError("removed: tokens are no longer kept out for being ASCII; the replay text is protected "
+                             "by `vocab.replay_ratio` (how many times more a new token must serve the target text "
+                             "than it changes the replay text) and `vocab.max_replay_change`")
+        return None

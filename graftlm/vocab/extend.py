@@ -4,15 +4,18 @@
    byte-level BPE (GPT-2, Llama-3, Qwen, SmolLM2) keeps the base's normalizer and pre-tokenizer; SentencePiece-style
    BPE (Llama-2, Mistral: `▁` for spaces, byte fallback) splits words at `▁` the way SentencePiece does.
 2. Its merges are walked in the order it learned them (most frequent first). Each token the base lacks that is a
-   word or a piece of a word (letters and combining marks, optionally after a space) and, unless `ascii_tokens`,
-   holds a non-ASCII character, is made reachable in the base: the base's own BPE splits it into pieces, and merges
-   are appended that join those pieces — one merge when the base splits it in two, a short chain through
-   intermediate tokens otherwise. Every added token and merge comes after the base's, so they have the lowest
-   priority: the base applies all of its own merges first, and text whose base tokens never sit next to each other
-   as a new merge's pair is tokenised exactly as before.
-3. Tokens made only of ASCII are left out by default, and so are digits, punctuation and whitespace: English, code
-   and numbers keep the base's token ids (the base split digits on purpose), and English words the target text
-   happens to share — names such as "Kissinger" in Vietnamese Wikipedia — do not get new, untrained tokens.
+   word or a piece of a word (letters and combining marks, optionally after a space; any script) is made reachable
+   in the base: the base's own BPE splits it into pieces, and merges are appended that join those pieces — one
+   merge when the base splits it in two, a short chain through intermediate tokens otherwise. Every added token and
+   merge comes after the base's, so they have the lowest priority: the base applies all of its own merges first,
+   and text whose base tokens never sit next to each other as a new merge's pair is tokenised exactly as before.
+3. The replay (source-language) text is protected where it matters, whatever the characters: a candidate is
+   skipped when it would change the tokens of more than `max_replay_change` of the replay text's words, or serve
+   the target text less than `replay_ratio` times as often as it changes them (`ReplayGuard`, measured on samples
+   of both). Plain-ASCII target languages (Indonesian, Swahili) get
+   their words, and English words the target text happens to share — names such as "Kissinger" in Vietnamese
+   Wikipedia — do not get new, untrained tokens. Digits, punctuation and whitespace are never added: numbers keep
+   the base's ids (the base split digits on purpose).
 4. Bytes the base's alphabet lacks (a GGUF conversion can drop some; the tokenizer then silently loses them) are
    added first, as tokens of their own, so that decode(encode(text)) == text for any UTF-8 text. A
    SentencePiece-style base likewise gains, as single-character tokens, the target's letters it only had as bytes.
@@ -23,7 +26,8 @@ from __future__ import annotations
 import copy
 import json
 import unicodedata
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Iterable
 
 from graftlm.errors import GraftError
@@ -165,12 +169,12 @@ def token_bytes(token: str, family: str) -> bytes:
     return token.replace(SPACE_MARK, " ").encode()
 
 
-def is_word_piece(data: bytes, ascii_tokens: bool) -> bool:
-    """A word or a piece of a word: letters and combining marks, optionally after one space; a byte-level piece may
-    start or end in the middle of a (non-ASCII) character. Unless `ascii_tokens`, it must hold a non-ASCII byte."""
+def is_word_piece(data: bytes) -> bool:
+    """A word or a piece of a word: letters and combining marks (any script), optionally after one space; a
+    byte-level piece may start or end in the middle of a character."""
     if data.startswith(b" "):
         data = data[1:]
-    if not data or (not ascii_tokens and data.isascii()):
+    if not data:
         return False
     start = 0
     while start < len(data) and 0x80 <= data[start] < 0xC0:  # the tail of a character begun in another token
@@ -190,6 +194,118 @@ def is_word_piece(data: bytes, ascii_tokens: bool) -> bool:
     return all(unicodedata.category(c)[0] in "LM" for c in text)
 
 
+# ---- protecting the replay text ------------------------------------------------------------------------------
+
+
+def pre_token_counts(texts: Iterable[str], base_json: dict) -> Counter:
+    """How often each pre-token (a word with its leading space, as the base's normalizer and pre-tokenizer cut
+    text before BPE) occurs in `texts`, written in the base's token alphabet."""
+    from tokenizers import Tokenizer
+
+    base = Tokenizer.from_str(json.dumps(base_json))
+    normalizer = base.normalizer
+    if tokenizer_family(base_json) == BYTE_LEVEL:
+        pre_tokenizer = base.pre_tokenizer
+    else:  # SentencePiece-style: words start at ▁, as the target tokenizer is trained
+        pre_tokenizer = _word_splitter(base_json.get("pre_tokenizer"))
+    counts: Counter = Counter()
+    for text in texts:
+        if normalizer is not None:
+            text = normalizer.normalize_str(text)
+        counts.update(piece for piece, _ in pre_tokenizer.pre_tokenize_str(text))
+    return counts
+
+
+def token_shares(texts: list[str], trained_json: dict, base_json: dict) -> dict[str, float]:
+    """How often the trained tokenizer uses each of its tokens on `texts`, per word of the text (a word being a
+    pre-token, `pre_token_counts`): what a token would do for the target text."""
+    from tokenizers import Tokenizer
+
+    trained = Tokenizer.from_str(json.dumps(trained_json))
+    uses: Counter = Counter()
+    for encoding in trained.encode_batch(texts, add_special_tokens=False):
+        uses.update(encoding.tokens)
+    words = max(sum(pre_token_counts(texts, base_json).values()), 1)
+    return {token: count / words for token, count in uses.items()}
+
+
+class ReplayGuard:
+    """Replay protection: whether a candidate's merges would change the replay text's tokens more than its use to
+    the target text is worth.
+
+    The replay text is held as its words (pre-tokens) with their counts and current tokens under the growing
+    BpeTable. New merges rank after every base merge, so on a word they only act on its final base tokens, in the
+    order they were added: a merge (a, b) can change a word only where `a b` are adjacent among its current tokens
+    (an index from pairs to words finds those), and a single character a SentencePiece-style base gains changes
+    the words that hold it (they fell back to bytes).
+
+    A candidate is allowed when it changes at most `max_change` of the replay words, and its share of the target
+    text's words (`token_shares`) is at least `ratio` times the share of replay words it changes. A sample cannot
+    show that a token never occurs in the replay language, so a
+    token made only of characters the replay text uses counts one changed word more (add-one smoothing: the
+    English name "Kissinger" in Vietnamese Wikipedia, unseen in a small English sample, needs a real use to the
+    target text); a token with a character the replay text never uses (Cyrillic against English) does not."""
+
+    def __init__(self, counts: Counter, table: BpeTable, family: str, ratio: float, max_change: float = 1.0):
+        self.words = list(counts)
+        self.counts = [counts[w] for w in self.words]
+        self.total = max(sum(self.counts), 1)
+        self.family, self.ratio, self.max_change = family, ratio, max_change
+        self.tokens = [table.split(w) for w in self.words]
+        self.index: dict[tuple[str, str], set[int]] = {}
+        for i, tokens in enumerate(self.tokens):
+            self._index(i, tokens, add=True)
+        self.bytes = set(b"".join(token_bytes(w, family) for w in self.words))
+        self.chars = set(b"".join(token_bytes(w, family) for w in self.words).decode("utf-8", errors="ignore"))
+        self.changed: set[int] = set()  # words whose tokens differ from the base's
+
+    def _index(self, i: int, tokens: list[str], add: bool) -> None:
+        for pair in zip(tokens, tokens[1:]):
+            if add:
+                self.index.setdefault(pair, set()).add(i)
+            elif pair in self.index:
+                self.index[pair].discard(i)
+
+    def retokenised(self, table: BpeTable, steps: list[tuple[str, tuple[str, str] | None]]) -> dict[int, list[str]]:
+        """The words whose tokens change once `steps` (token, merge) are in `table` (they already are), with their
+        new tokens."""
+        touched: set[int] = set()
+        for token, pair in steps:
+            if pair is not None:
+                touched |= self.index.get(pair, set())
+            elif len(token) == 1:  # a character the base lacked
+                touched |= {i for i, word in enumerate(self.words) if token in word}
+        updates = {}
+        for i in touched:
+            tokens = table.split(self.words[i])
+            if tokens != self.tokens[i]:
+                updates[i] = tokens
+        return updates
+
+    def could_occur(self, token: str) -> bool:
+        """Whether the replay text uses every character (and byte) of `token`."""
+        data = token_bytes(token, self.family)
+        return set(data) <= self.bytes and set(data.decode("utf-8", errors="ignore")) <= self.chars
+
+    def allows(self, token: str, updates: dict[int, list[str]], target_share: float) -> bool:
+        changed = sum(self.counts[i] for i in updates)
+        if changed > self.max_change * self.total:
+            return False
+        smoothed = changed + (1 if self.could_occur(token) else 0)
+        return target_share >= self.ratio * smoothed / self.total
+
+    def commit(self, updates: dict[int, list[str]]) -> None:
+        for i, tokens in updates.items():
+            self._index(i, self.tokens[i], add=False)
+            self.tokens[i] = tokens
+            self._index(i, tokens, add=True)
+            self.changed.add(i)
+
+    def changed_share(self) -> float:
+        """The share of the replay text's word occurrences that no longer tokenise as with the base."""
+        return sum(self.counts[i] for i in self.changed) / self.total
+
+
 # ---- the merge ------------------------------------------------------------------------------------------------
 
 
@@ -207,12 +323,25 @@ class Extension:
     """For each new token, the ids of the base tokens that the base tokenizer splits it into (for FVT)."""
     trained_candidates: int
     """How many tokens of the trained tokenizer were new to the base and word pieces."""
+    skipped: dict[str, int] = field(default_factory=dict)
+    """Trained tokens not added, by reason: `in_base`, `not_a_word_piece`, `changes_replay` (see ReplayGuard),
+    `unreachable` (no allowed chain of merges within the budget)."""
+    replay: dict = field(default_factory=dict)
+    """The replay check: {"words": replay word occurrences measured, "ratio", "max_change", "changed_share": the
+    share of those words the added tokens retokenise}; empty without it."""
 
 
-def extend_tokenizer(base_json: dict, trained_json: dict, new_tokens: int, ascii_tokens: bool = False) -> Extension:
-    """Add up to `new_tokens` tokens of the trained tokenizer to the base, most frequent first."""
+def extend_tokenizer(base_json: dict, trained_json: dict, new_tokens: int, replay: Counter | None = None,
+                     target_shares: dict[str, float] | None = None, replay_ratio: float = 4.0,
+                     max_replay_change: float = 1e-4) -> Extension:
+    """Add up to `new_tokens` tokens of the trained tokenizer to the base, most frequent first. With `replay` (the
+    pre-token counts of a sample of the replay text, `pre_token_counts`) and `target_shares` (`token_shares` of a
+    sample of the target text), a candidate is skipped when it changes more than `max_replay_change` of the replay
+    words, or serves the target text less than `replay_ratio` times as often as it changes them (ReplayGuard)."""
     family = tokenizer_family(base_json)
     table = BpeTable.of(base_json)
+    guard = (ReplayGuard(replay, table, family, replay_ratio, max_replay_change)
+             if replay and target_shares is not None else None)
     first_id = 1 + max([*table.vocab.values(), *(t["id"] for t in base_json.get("added_tokens") or [])])
     added: list[tuple[str, tuple[str, str] | None]] = []  # (token, the merge that makes it)
 
@@ -221,21 +350,33 @@ def extend_tokenizer(base_json: dict, trained_json: dict, new_tokens: int, ascii
         added.append((token, pair))
 
     def allowed(token: str) -> bool:
-        return is_word_piece(token_bytes(token, family), ascii_tokens)
+        return is_word_piece(token_bytes(token, family))
 
     for byte_token in _missing_bytes(family, table)[:new_tokens]:
         add(byte_token, None)
     trained_order = {a + b: rank for rank, (a, b) in enumerate(merge_pairs(trained_json["model"]["merges"]))}
     candidates = 0
+    skipped: Counter = Counter()
     for token in trained_order:
         if len(added) >= new_tokens:
             break
         if token in table.vocab or not allowed(token):
+            skipped["in_base" if token in table.vocab else "not_a_word_piece"] += 1
             continue
         candidates += 1
         mark = len(added)
+        reason = None
         if not _make_reachable(token, table, add, allowed, trained_order, family) or len(added) > new_tokens:
-            while len(added) > mark:  # could not reach it within the budget: take back its intermediates
+            reason = "unreachable"
+        elif guard is not None:
+            updates = guard.retokenised(table, added[mark:])
+            if guard.allows(token, updates, target_shares.get(token, 0.0)):
+                guard.commit(updates)
+            else:
+                reason = "changes_replay"
+        if reason:
+            skipped[reason] += 1
+            while len(added) > mark:  # take back the token and its intermediates
                 table.remove(*added.pop())
 
     merged = copy.deepcopy(base_json)
@@ -243,8 +384,10 @@ def extend_tokenizer(base_json: dict, trained_json: dict, new_tokens: int, ascii
     merged["model"]["merges"] = [list(pair) for pair in table.merges]
     base_table = BpeTable.of(base_json)
     pieces = [base_table.ids(base_table.split(token)) for token, _ in added]
+    replay_stats = {"words": guard.total, "ratio": replay_ratio, "max_change": max_replay_change,
+                    "changed_share": round(guard.changed_share(), 6)} if guard else {}
     return Extension(family, merged, first_id, [token for token, _ in added], [pair for _, pair in added], pieces,
-                     candidates)
+                     candidates, dict(skipped), replay_stats)
 
 
 def _missing_bytes(family: str, table: BpeTable) -> list[str]:
