@@ -163,6 +163,25 @@ def test_lora_with_trainable_new_rows_and_distillation_under_fsdp(tmp_path, tiny
     assert torch.equal(base[EMBED][:NEW_ROWS.first_new], merged[EMBED][:NEW_ROWS.first_new])  # frozen base shards
 
 
+@pytest.mark.parametrize("overrides", [
+    ["train.method=layra", "train.lora.embeddings=all", "train.lora.dropout=0",
+     "train.phases=[{train: embeddings, max_steps: 2}, {train: all}]"],
+    ["train.method=freeze", "train.freeze.layers=[-1]", "train.freeze.embeddings=new_rows"],
+], ids=["layra-embeddings-all", "freeze-new-rows"])
+def test_fsdp_in_one_process_trains_every_method_as_the_plain_path(tmp_path, tiny_model_dir, overrides):
+    overrides = [*overrides, "train.max_steps=4"]
+    _, recipe, plain = prepare(tmp_path / "plain", tiny_model_dir, *overrides)
+    train(recipe, plain)
+    _, fsdp_recipe, run = prepare(tmp_path / "sharded", tiny_model_dir, *overrides, FSDP)
+    train(fsdp_recipe, run)  # a process group of one: the wrapping, gathering and sharded checkpoints all the same
+    assert_close(losses(plain), losses(run))
+    exported, reference = load_file(run.model / "model.safetensors"), load_file(plain.model / "model.safetensors")
+    assert exported.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(exported[name], reference[name], rtol=1e-3, atol=1e-3)
+    assert (run.checkpoints / "step-000004" / "dcp" / ".metadata").is_file()
+
+
 def test_fsdp_options_need_strategy_fsdp(tmp_path, tiny_model_dir):
     path = write_tiny_recipe(tmp_path, tiny_model_dir, TRAIN)
     with pytest.raises(RecipeError, match="train.distributed.*cpu_offload is an option of strategy fsdp"):

@@ -115,13 +115,13 @@ class Evaluation(Callback):
         if not self.evaluated_at or self.evaluated_at[-1] != trainer.state.step:
             self._evaluate(trainer)
         if self.ema is not None:
-            with self.ema.applied(), trainer.module.gathered(on_device=True) as method:
+            with self.ema.applied(), trainer.module.gathered(True, self.evaluator is not None) as method:
                 if self.evaluator is not None:
                     trainer.log({"step": trainer.state.step, "tokens": trainer.state.tokens, "model": "ema",
                                  "eval": self.evaluator(method.model, progress=trainer.progress)})
 
     def _evaluate(self, trainer: Trainer) -> None:
-        with trainer.module.gathered(on_device=True) as method:  # (every process takes part)
+        with trainer.module.gathered(True, self.evaluator is not None) as method:  # (every process takes part)
             if self.evaluator is not None:
                 results = self.evaluator(method.model, progress=trainer.progress)
                 trainer.log({"step": trainer.state.step, "tokens": trainer.state.tokens, "eval": results})

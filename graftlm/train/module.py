@@ -145,10 +145,11 @@ class TrainModule:
         return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16,
                               enabled=self.cfg.precision == "bf16" and self.sharding.autocast)
 
-    def gathered(self, on_device: bool = False):
-        """A context: the method with its whole weights on the main process, None on the others; every process
-        must enter it (under fsdp the weights are gathered from every process's shards)."""
-        return self.sharding.gathered(self.method, on_device)
+    def gathered(self, on_device: bool = False, wanted: bool = True):
+        """A context: the method with its whole weights on the main process, None on the others (and when the main
+        process passes `wanted=False`); every process must enter it (under fsdp the weights are gathered from every
+        process's shards)."""
+        return self.sharding.gathered(self.method, on_device, wanted)
 
 
 def _fused_if_available(device: torch.device) -> dict:

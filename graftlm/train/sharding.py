@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -116,10 +117,11 @@ class Replicated:
         return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
 
     @contextlib.contextmanager
-    def gathered(self, method: Method, on_device: bool = False) -> Iterator[Method | None]:
-        """The method with its whole weights on the main process (the live one here), None on the others. Under
-        fsdp every process must enter it (the weights are gathered)."""
-        yield method if self.main else None
+    def gathered(self, method: Method, on_device: bool = False, wanted: bool = True) -> Iterator[Method | None]:
+        """The method with its whole weights on the main process (the live one here), None on the others and when
+        the main process does not want it (`wanted`, as the main process says). Under fsdp every process must
+        enter it (the weights are gathered)."""
+        yield method if self.main and wanted else None
 
     def save_checkpoint(self, run: RunDir, step: int, method: Method | None, tokenizer, optimizer,
                         trainer_state: dict, keep: int, ema: EMA | None, write_more: Callable[[Path], None]) -> None:
@@ -246,9 +248,15 @@ class FullyShard(Replicated):
         return (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
 
     @contextlib.contextmanager
-    def gathered(self, method: Method, on_device: bool = False) -> Iterator[Method | None]:
+    def gathered(self, method: Method, on_device: bool = False, wanted: bool = True) -> Iterator[Method | None]:
+        import torch.distributed as dist
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+        said = [wanted]
+        dist.broadcast_object_list(said, src=0)  # (evaluation: only the main process knows it has sets to score)
+        if not said[0]:
+            yield None
+            return
         state = get_model_state_dict(self.root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.main:
             yield None
@@ -257,7 +265,11 @@ class FullyShard(Replicated):
         del state
         if on_device:
             whole.model.to(self.accelerator.device)
-        yield whole
+        try:
+            yield whole
+        finally:
+            del whole
+            gc.collect()  # (transformers and peft models hold reference cycles: free the whole model now)
 
     def save_checkpoint(self, run: RunDir, step: int, method: Method | None, tokenizer, optimizer,
                         trainer_state: dict, keep: int, ema: EMA | None, write_more: Callable[[Path], None]) -> None:
