@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import REPO, train, write_tiny_recipe
-from graftlm.errors import RecipeError
+from graftlm.errors import GraftError, RecipeError
 from graftlm.pipeline import run_stages
 from graftlm.recipe import load_recipe
 from graftlm.runs import RunDir, read_json
@@ -180,6 +180,41 @@ def test_fsdp_in_one_process_trains_every_method_as_the_plain_path(tmp_path, tin
     for name in reference:
         torch.testing.assert_close(exported[name], reference[name], rtol=1e-3, atol=1e-3)
     assert (run.checkpoints / "step-000004" / "dcp" / ".metadata").is_file()
+
+
+def test_a_failed_sharded_checkpoint_leaves_nothing_and_the_run_resumes(tmp_path, tiny_model_dir, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+
+    _, recipe, run = prepare(tmp_path, tiny_model_dir, FSDP)
+    real_save, calls = dcp.save, []
+
+    def failing_save(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the checkpoint at step 6, once part of the shards is written
+            real_save(*args, **kwargs)
+            raise OSError("injected write failure")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(dcp, "save", failing_save)
+    with pytest.raises(OSError, match="injected write failure"):
+        train(recipe, run)
+    assert [p.name for p in run.checkpoints.iterdir()] == ["step-000003"]  # complete or absent, no leftovers
+    monkeypatch.setattr(dcp, "save", real_save)
+    train(recipe, run)
+    assert [r["step"] for r in run.read_metrics() if "loss" in r] == list(range(1, 10))
+
+
+def test_a_ddp_checkpoint_is_not_resumed_as_fsdp(tmp_path, tiny_model_dir):
+    path, recipe, run = prepare(tmp_path, tiny_model_dir)
+
+    def stop(step):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, run, on_step_end=stop)
+    with pytest.raises(GraftError, match=r"different recipe \(train.distributed.strategy: 'ddp' -> 'fsdp'\)"):
+        train(load_recipe(path, [FSDP]), run)
 
 
 def test_fsdp_options_need_strategy_fsdp(tmp_path, tiny_model_dir):

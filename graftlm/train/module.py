@@ -97,7 +97,8 @@ class TrainModule:
 
     def _enter_phase(self, phase: Phase) -> None:
         """The phase's trainable parameters, its fresh optimizer (or the checkpoint's, when resuming inside it) and
-        the loss wrapped for DDP (again per phase: DDP only synchronises what requires grad when it is built)."""
+        the loss wrapped by the strategy (DDP again per phase: it only synchronises what requires grad when it is
+        built; FSDP's sharding was done once, train/sharding.py)."""
         cfg, method = self.cfg, self.method
         groups = method.start_phase(phase.train)
         self.optimizer = torch.optim.AdamW(groups, lr=phase.lr, betas=cfg.betas, eps=cfg.eps,

@@ -92,7 +92,6 @@ def rng_file(rank: int) -> str:
 class Replicated:
     """ddp, and a single process: the model whole on every process."""
 
-    sharded = False
     autocast = True
     """Whether the module computes under bf16 autocast (with train.precision bf16)."""
 
@@ -179,8 +178,6 @@ class _Bound:
 class FullyShard(Replicated):
     """fsdp: FSDP2 over all the processes (a group of one when there is one process)."""
 
-    sharded = True
-
     def __init__(self, method: Method, cfg: TrainConfig, accelerator):
         super().__init__(accelerator)
         import torch.distributed as dist
@@ -241,11 +238,22 @@ class FullyShard(Replicated):
                 self.mask_cache[id(param)] = mask
             local.mul_(mask)
 
+    @torch.no_grad()
     def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> float:
-        from torch.distributed.tensor import DTensor
+        """torch's clip_grad_norm_ on the shards: the squared norms of this process's shards, summed over the
+        processes on the device the group communicates on (with cpu_offload the shards are in CPU memory, which a
+        group of CUDA devices cannot reduce)."""
+        import torch.distributed as dist
 
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
+        grads = [p.grad.to_local() for p in params if p.grad is not None]
+        square = torch.zeros((), dtype=torch.float32, device=self.accelerator.device)
+        if grads:
+            square += torch.stack(torch._foreach_norm(grads)).float().square().sum().to(square.device)
+        dist.all_reduce(square)
+        norm = square.sqrt()
+        if grads:
+            torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0).to(grads[0].device))
+        return norm.item()
 
     @contextlib.contextmanager
     def gathered(self, method: Method, on_device: bool = False, wanted: bool = True) -> Iterator[Method | None]:
