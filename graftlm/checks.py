@@ -12,7 +12,7 @@ data file is reported at once, not after the base model was exported.
     sources.<name>             (trained on, raw, uncompressed) holds at least one sequence: a file of B bytes packs
                                into at most 2·B tokens (a token is at least a byte; one EOS, at most one prefix
                                token per document), so 2·B < seq_len + 1 cannot make one sequence
-    eval.text.<name>, eval.choice.<name>.path      exist
+    eval.text.<name>, eval.choice.<name>.path, eval.generate.prompts.<lang>, eval.lens.text.<lang>   exist
     curate.language_id.model   exists (backend fasttext)
     report.trackers            each tracker's package is installed
     merge.chat_vector.instruct, merge.chat_vector.base   resolve like base_model
@@ -60,6 +60,10 @@ def check_inputs(recipe: "Recipe") -> None:
         _check_file(path, f"eval.text.{name}")
     for name, choice in recipe.eval.choice.items():
         _check_file(choice.path, f"eval.choice.{name}.path")
+    for lang, path in recipe.eval.generate.prompts.items():
+        _check_file(path, f"eval.generate.prompts.{lang}")
+    for lang, path in recipe.eval.lens.text.items():
+        _check_file(path, f"eval.lens.text.{lang}")
     if recipe.curate is not None and recipe.curate.language_id.model is not None:
         _check_file(recipe.curate.language_id.model, "curate.language_id.model")
     check_trackers(recipe.report.trackers)

@@ -80,6 +80,22 @@ def eval_(
                                    ".tsv (a text column) or .jsonl (repeatable)."),
     choice: List[str] = typer.Option([], "--choice", help="Multiple-choice set: XCOPA or {context, choices, label} "
                                      ".jsonl (repeatable)."),
+    harness: List[str] = typer.Option([], "--harness", help="An lm-evaluation-harness task, run in process: "
+                                      "TASK:LANG=PATH for a shipped local task (xcopa, sib200, bpb), or an lm-eval "
+                                      "task name whose data is local (repeatable)."),
+    include_path: Optional[str] = typer.Option(None, "--include-path", help="A folder of your own lm-eval task "
+                                               "YAMLs."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Documents per lm-eval task (default: all)."),
+    generate: List[str] = typer.Option([], "--generate", help="LANG=PATH: sentences (one a line, .txt/.tsv/.jsonl) "
+                                       "whose first words the model continues greedily (repeatable)."),
+    n: int = typer.Option(32, "--n", min=1, help="Prompts per --generate file."),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1, help="Tokens generated per prompt."),
+    lens: List[str] = typer.Option([], "--lens", help="LANG=PATH: held-out text (one sentence a line) for the logit "
+                                   "lens (repeatable)."),
+    max_documents: Optional[int] = typer.Option(100, "--max-documents", min=1,
+                                                help="Documents per --lens file (default 100)."),
+    target: Optional[str] = typer.Option(None, "--target", help="The target language of the lens (default: the "
+                                         "first --lens language that is not English)."),
     lang: Optional[str] = typer.Option(None, "--lang", help="Language of the sets: XCOPA's connectives (default: "
                                        "detected), and per-character fertility for a language without spaces."),
     text_field: str = typer.Option("text", "--text-field", help="The .jsonl field or .tsv column of the text."),
@@ -89,15 +105,18 @@ def eval_(
                                              help="Context in tokens (default: the model's, at most 2048)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16 (autocast)."),
 ) -> None:
-    """Score a model: bits per byte on held-out text, accuracy on multiple-choice sets."""
+    """Score a model: bits per byte, multiple choice, lm-eval tasks, generations and the logit lens."""
     import json
 
-    from graftlm.evaluate.config import ChoiceSetConfig, EvalConfig
+    from pydantic import ValidationError
+
+    from graftlm.evaluate.config import (ChoiceSetConfig, EvalConfig, GenerateConfig, HarnessConfig, HarnessTask,
+                                         LensConfig)
     from graftlm.evaluate.scoring import DTYPES
     from graftlm.evaluate.suite import evaluate_model, results_table
 
-    if not text and not choice:
-        raise GraftError("eval: give at least one --text or --choice file")
+    if not (text or choice or harness or generate or lens):
+        raise GraftError("eval: give at least one --text, --choice, --harness, --generate or --lens")
     if dtype not in DTYPES:
         raise GraftError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
     from graftlm.languages import UnknownLanguage, normalize_language
@@ -106,16 +125,42 @@ def eval_(
         lang = normalize_language(lang) if lang is not None else None
     except UnknownLanguage as e:
         raise GraftError(f"--lang: {e}") from None
+    tasks = []
+    for spec in harness:
+        try:
+            tasks.append(HarnessTask.model_validate(spec))
+        except ValidationError as e:
+            raise GraftError(f"--harness {spec}: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+    try:
+        harness_config = HarnessConfig(tasks=tasks, include_path=include_path, limit=limit)
+    except ValidationError as e:
+        raise GraftError(f"--harness: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
     config = EvalConfig(text={path: path for path in text}, text_field=text_field, batch_size=batch_size,
                         choice={path: ChoiceSetConfig(path=path, lang=lang) for path in choice},
-                        max_length=max_length, dtype=dtype)
-    results = evaluate_model(model, config, languages={path: lang for path in text} if lang else None)
+                        max_length=max_length, dtype=dtype, harness=harness_config,
+                        generate=GenerateConfig(prompts=_lang_paths("--generate", generate), n=n,
+                                                max_new_tokens=max_new_tokens),
+                        lens=LensConfig(text=_lang_paths("--lens", lens), max_documents=max_documents))
+    results = evaluate_model(model, config, target=target, languages={path: lang for path in text} if lang else None)
     if json_:
         sys.stdout.write(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     else:
         from rich.console import Console
 
         Console().print(results_table(results))
+
+
+def _lang_paths(option: str, values: List[str]) -> dict[str, str]:
+    """`vi=data/vi.tsv` options as {"vi": "data/vi.tsv"}; a language given twice is an error."""
+    paths: dict[str, str] = {}
+    for value in values:
+        lang, sep, path = value.partition("=")
+        if not sep or not lang or not path:
+            raise GraftError(f"{option} {value}: expected LANG=PATH, e.g. {option} vi=sentences.vi.txt")
+        if lang in paths:
+            raise GraftError(f"{option}: language '{lang}' given twice")
+        paths[lang] = path
+    return paths
 
 
 @app.command()

@@ -9,10 +9,10 @@ one report that sets them side by side.
 
 Several `--vary` make a grid (every combination of their values); with `--zip` the i-th values of each go
 together (a list of variants; every --vary then needs as many values). Values are split at commas outside
-brackets, each read as YAML like `--set` (`--vary train.freeze.layers=[0,1],[-2,-1]`). A variant that changes a
-data key (base_model, sources, curate, vocab, pack) prepares its own data in its folder; the others link the
-recipe's prepared folders, so nothing is re-packed. Every variant trains for the recipe's budget; a variant already
-trained is skipped like any stage.
+brackets, each read as YAML like `--set` (`--vary train.freeze.layers=[0,1],[-2,-1]`). A variant whose data keys
+(base_model, sources, curate, vocab, pack) resolve differently from the recipe's prepares its own data in its
+folder; the others link the recipe's prepared folders, so nothing is re-packed. Every variant trains for the
+recipe's budget; a variant already trained is skipped like any stage.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from graftlm.pipeline import PREPARE_STAGES, STAGES, run_stages
 from graftlm.progress import log
 from graftlm.recipe import Recipe, load_recipe
 from graftlm.report import plots
-from graftlm.report.page import STYLE, embed_png, html_table
+from graftlm.report.page import STYLE, embed_png, html_table, target_bytes_per_s
 from graftlm.report.verdict import Verdict, compute_verdict
 from graftlm.runs import RunDir, write_json_atomic, write_text_atomic
 from graftlm.stage import link_prepared
@@ -38,15 +38,17 @@ DATA_KEYS = tuple(dict.fromkeys(key for name in PREPARE_STAGES for key in STAGES
 """Recipe keys whose change needs other prepared data."""
 
 
+def same_data(a: Recipe, b: Recipe) -> bool:
+    """Whether two recipes prepare the same data: their data keys resolve to the same values (a variant that sets
+    `vocab` to what the recipe has already shares the recipe's data)."""
+    dump_a, dump_b = a.model_dump(mode="json"), b.model_dump(mode="json")
+    return all(dump_a.get(key) == dump_b.get(key) for key in DATA_KEYS)
+
+
 @dataclass(frozen=True)
 class Variant:
     name: str
     overrides: tuple[str, ...]
-
-    @property
-    def changes_data(self) -> bool:
-        keys = [o.partition("=")[0].strip() for o in self.overrides]
-        return any(key == k or key.startswith(k + ".") for key in keys for k in DATA_KEYS)
 
 
 def parse_vary(option: str) -> tuple[str, list[str]]:
@@ -107,13 +109,13 @@ def run_compare(recipe_path: Path | None, overrides: list[str], varies: list[str
     variants = make_variants(varies, zip_values)
     loaded = [(v, load_recipe(recipe_path, [*overrides, *v.overrides, f"name={recipe.name}-{v.name}"]))
               for v in variants]  # every variant's recipe is checked before any work
-    if any(not v.changes_data for v in variants):
+    if any(same_data(recipe, variant_recipe) for _, variant_recipe in loaded):
         run_stages(recipe, parent, PREPARE_STAGES)
     runs: dict[str, tuple[Variant, Recipe, RunDir]] = {}
     for i, (variant, variant_recipe) in enumerate(loaded):
         log(f"compare: variant {i + 1}/{len(variants)}: {variant.name} ({' '.join(variant.overrides)})")
         run = RunDir(parent.inside("compare", variant.name), extended_vocab=variant_recipe.vocab is not None)
-        if variant.changes_data:
+        if not same_data(recipe, variant_recipe):
             run_stages(variant_recipe, run, tuple(STAGES))
         else:  # the prepared data is the recipe's own, linked, and not to be touched
             link_prepared(parent, run, STAGES)
@@ -153,7 +155,9 @@ def write_compare_report(parent: RunDir, runs: dict[str, tuple[Variant, Recipe, 
     metrics = {name: run.read_metrics() for name, (_, _, run) in runs.items()}
     rows = []
     for name, (variant, recipe, run) in runs.items():
-        rows.append(Row(name, variant.overrides, compute_verdict(recipe, metrics[name]), run.training_summary()))
+        training = run.training_summary()
+        training["target_bytes_per_s"] = target_bytes_per_s(recipe, run, training)
+        rows.append(Row(name, variant.overrides, compute_verdict(recipe, metrics[name]), training))
     # final bits per byte, not changes: variants may start from different models (an extended vocabulary starts
     # from its resized base), and bits per byte compare across tokenizers
     points = {r.variant: (r.mean_bpb("source"), r.mean_bpb("target")) for r in rows
@@ -165,6 +169,7 @@ def write_compare_report(parent: RunDir, runs: dict[str, tuple[Variant, Recipe, 
         "target_bpb": r.mean_bpb("target"), "source_bpb": r.mean_bpb("source"),
         "target_delta_bpb": r.mean_bpb("target", "delta"), "source_delta_bpb": r.mean_bpb("source", "delta"),
         "pareto": r.variant in front, "tokens": r.training.get("tokens"), "elapsed_s": r.training.get("elapsed_s"),
+        "target_bytes_per_s": r.training.get("target_bytes_per_s"),
         "trainable_parameters": r.training.get("trainable_parameters"),
         "changes": {c.name: {"role": c.role, "kind": c.kind, "base": c.base, "final": c.final, "delta": c.delta}
                     for c in (r.verdict.changes if r.verdict else [])}} for r in rows}
@@ -176,13 +181,16 @@ def write_compare_report(parent: RunDir, runs: dict[str, tuple[Variant, Recipe, 
         by_set = {(c.role, c.kind, c.name): c for c in (r.verdict.changes if r.verdict else [])}
         speed = (f"{r.training['tokens'] / r.training['elapsed_s']:,.0f}"
                  if r.training.get("tokens") and r.training.get("elapsed_s") else "—")
+        target_speed = r.training.get("target_bytes_per_s")
         trainable = r.training.get("trainable_parameters") or [{}]
         table_rows.append((r.variant, " ".join(r.overrides), *(_change_cell(by_set.get(s)) for s in sets),
                            _number(r.mean_bpb("target")), _number(r.mean_bpb("source")),
-                           "yes" if r.variant in front else "", f"{trainable[-1].get('parameters', 0):,}", speed))
+                           "yes" if r.variant in front else "", f"{trainable[-1].get('parameters', 0):,}", speed,
+                           f"{target_speed:,.0f}" if target_speed else "—"))
     table = html_table(("variant", "overrides",
                         *(f"{role} {name} {'bpb' if kind == 'text' else 'accuracy'} (Δ)" for role, kind, name in sets),
-                        "target bpb (mean)", "source bpb (mean)", "Pareto", "trainable parameters", "tokens/s"),
+                        "target bpb (mean)", "source bpb (mean)", "Pareto", "trainable parameters", "tokens/s",
+                        "target bytes/s"),
                        table_rows, text_columns=2)
     figures = [plots.pareto_scatter(points, front, plots.variant_colors(list(runs))),
                plots.compare_curves(metrics, "text"), plots.compare_curves(metrics, "choice")]
@@ -195,7 +203,9 @@ def write_compare_report(parent: RunDir, runs: dict[str, tuple[Variant, Recipe, 
             "<p class='summary'>Each variant's final model: bits per byte (lower is better; comparable across "
             "tokenizers) and, in brackets, the change from the variant's own start model — the base, or the base "
             "with its vocabulary extended. The target language should fall, the source languages should not rise. "
-            "A variant is on the Pareto front when no other one ends lower on both.</p>"
+            "A variant is on the Pareto front when no other one ends lower on both. Target bytes/s: training "
+            "throughput in UTF-8 bytes of target-language text (a tokenizer that needs fewer tokens for the same "
+            "text reads more of it at the same tokens/s).</p>"
             f"{table}" + "".join(embed_png(f) for f in figures if f)
             + f"<h2>Variants</h2><ul>{links}</ul></body></html>")
     write_text_atomic(folder / "report.html", page)

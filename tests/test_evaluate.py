@@ -217,7 +217,7 @@ def test_graft_eval_json(tmp_path, tiny_model_dir, monkeypatch, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--text", "missing.tsv"], "missing.tsv: no such file"),
     (["--choice", "BAD"], "bad.jsonl:2: invalid JSON"),
-    ([], "give at least one --text or --choice"),
+    ([], "give at least one --text, --choice, --harness, --generate or --lens"),
     (["--text", "GOOD", "--dtype", "fp8"], "--dtype: expected one of"),
 ])
 def test_graft_eval_bad_input_is_one_line_and_exit_2(tmp_path, tiny_model_dir, monkeypatch, capsys, args, message):
@@ -248,9 +248,9 @@ def test_bpb_agrees_with_plain_transformers_on_the_real_model():
 
 
 def test_batches_group_similar_lengths_within_the_limits():
-    from graftlm.evaluate.scoring import Span, _batches
+    from graftlm.evaluate.scoring import Span, span_batches
 
     spans = [Span([0] * n, 1) for n in (50, 100, 10, 95, 49, 48, 47)]
     order = sorted(range(len(spans)), key=lambda i: len(spans[i].ids), reverse=True)
-    lengths = [[len(spans[i].ids) for i in batch] for batch in _batches(order, spans, batch_size=2)]
+    lengths = [[len(spans[i].ids) for i in batch] for batch in span_batches(order, spans, batch_size=2)]
     assert lengths == [[100, 95], [50, 49], [48, 47], [10]]

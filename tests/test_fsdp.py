@@ -31,7 +31,8 @@ NEW_ROWS = VocabRows(first_new=49100, new_tokens=40, rows=49152)
 """The tiny model's 49152 rows, as if a vocabulary extension had added 40 tokens (and 12 padding rows)."""
 EMBED = "model.embed_tokens.weight"
 FULL = ["train.phases=[{train: new_rows, max_steps: 3, lr: 0.05}, {train: all}]", "train.ema={decay: 0.8}",
-        "train.gradient_checkpointing=true"]
+        "train.gradient_checkpointing=true", "train.lr_groups={new_rows: 3.0}"]
+"""A new_rows phase (rows masked on each shard), then all (the new rows' updates scaled on each shard)."""
 FSDP = "train.distributed.strategy=fsdp"
 
 

@@ -96,11 +96,23 @@ def test_graft_compare_shares_the_data_and_writes_one_report(recipe_path, monkey
     assert summary["method-lora"]["overrides"] == ["train.method=lora"]
     full = summary["method-full"]
     assert {"target_bpb", "source_bpb", "target_delta_bpb", "source_delta_bpb", "pareto"} <= set(full)
+    assert full["target_bytes_per_s"] > 0  # bytes of target text a second, beside tokens/s
     target = [c for c in full["changes"].values() if c["role"] == "target" and c["kind"] == "text"]
     assert full["target_bpb"] == pytest.approx(sum(c["final"] for c in target) / len(target))
     assert any(entry["pareto"] for entry in summary.values())
     page = (folder / "report.html").read_text()
     assert "Pareto" in page and "method-lora" in page and page.count("<img src='data:image/png;base64,") >= 2
+    assert "target bytes/s" in page
+
+
+def test_a_variant_shares_the_data_when_its_data_keys_resolve_alike(recipe_path):
+    from graftlm.compare import same_data
+
+    recipe = load_recipe(recipe_path, ["vocab={new_tokens: 8}"])
+    assert same_data(recipe, load_recipe(recipe_path, ["vocab={new_tokens: 8}", "train.lr=1e-3"]))
+    assert same_data(recipe, load_recipe(recipe_path, ["vocab.new_tokens=8"]))  # spelled otherwise, same value
+    assert not same_data(recipe, load_recipe(recipe_path, ["vocab.new_tokens=16"]))
+    assert not same_data(recipe, load_recipe(recipe_path, ["vocab=null"]))
 
 
 def test_compare_names_and_grids():
@@ -113,5 +125,4 @@ def test_compare_names_and_grids():
     zipped = make_variants(["train.method=full,lora", "train.lr=1e-4,1e-3"], zip_values=True)
     assert [v.overrides for v in zipped] == [("train.method=full", "train.lr=1e-4"),
                                              ("train.method=lora", "train.lr=1e-3")]
-    assert not zipped[0].changes_data and make_variants(["vocab.new_tokens=8,16"])[0].changes_data
     assert pareto_front({"a": (0.1, -0.5), "b": (0.0, -0.3), "c": (0.2, -0.4), "d": (0.0, -0.3)}) == {"a", "b", "d"}

@@ -254,7 +254,7 @@ def test_relative_tolerance_and_cmr_law():
 
 
 def test_several_varied_shares_plan_with_the_mixing_law(tmp_path):
-    recipe = demo("sources.code={paths: [x.jsonl], lang: code}", "mixture={vi: 0.6, en: 0.3, code: 0.1}",
+    recipe = demo("sources.code={paths: [x.jsonl]}", "mixture={vi: 0.6, en: 0.3, code: 0.1}",
                   "eval.text.code=x.txt",
                   "plan={vary: [vi, code], law: mixing, ratios: [{vi: 0.5, code: 0.1}, {vi: 0.7, code: 0.1}, "
                   "{vi: 0.9, code: 0.05}, {vi: 0.6, code: 0.2}, {vi: 0.8, code: 0.0}, {vi: 0.7, code: 0.25}]}")
@@ -287,7 +287,7 @@ def test_several_varied_shares_plan_with_the_mixing_law(tmp_path):
 # ---- the pilots --------------------------------------------------------------------------------------------
 
 def test_pilot_variants_keep_the_other_sources_relative_weights_and_evaluate_often_enough():
-    recipe = demo("sources.code={paths: [x.jsonl], lang: code}", "mixture={vi: 0.5, en: 0.2, code: 0.1}",
+    recipe = demo("sources.code={paths: [x.jsonl]}", "mixture={vi: 0.5, en: 0.2, code: 0.1}",
                   "plan={pilot_tokens: 60000, validate: {ratio: 0.6, tokens: 120000}, warmup_steps: 2}")
     pilots = P.pilot_variants(recipe)
     assert [p.name for p in pilots] == ["r0.5", "r0.7", "r0.85", "r1", "validate-r0.6"]
@@ -325,7 +325,7 @@ def test_pilots_and_the_planned_recipe_replace_every_phase_schedule():
     recipe = demo("plan={pilot_tokens: 60000}",
                   "train.stages=[{train: embeddings, max_steps: 4, schedule: {name: cosine}}, {train: all}]")
     pilot = P.pilot_recipe(recipe, P.pilot_variants(recipe)[0])
-    assert [s.schedule for s in pilot.train.stages] == [None, None]  # each phase follows the constant schedule
+    assert [p.schedule for p in pilot.train.phases] == [None, None]  # each phase follows the constant schedule
     assert pilot.train.schedule.name == "constant"
 
 

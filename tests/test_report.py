@@ -79,3 +79,24 @@ def test_graft_report_rebuilds_and_prints_the_verdict(run, monkeypatch, capsys):
     assert code == 0 and "verdict" in err and "report.html" in err
     code, _, err = run_graft(monkeypatch, capsys, "report", str(run_dir.root / "nope"))
     assert code == 2 and "not a run directory" in err
+
+
+def test_target_bytes_per_second_from_the_packed_manifests(run):
+    """Training throughput in bytes of target text: target tokens read × that source's bytes per token / seconds,
+    in the page and the model card."""
+    from graftlm.report.page import target_bytes_per_s
+    from graftlm.runs import write_json_atomic
+
+    recipe, run_dir = run
+    for name, tokens, size in (("vi", 1000, 4000), ("en", 1000, 5000)):
+        write_json_atomic(run_dir.packed / name / "manifest.json", {"source": name, "tokens": tokens, "bytes": size,
+                                                                    "documents": 1, "shards": []})
+    training = {"tokens": 400, "step": 4, "elapsed_s": 10.0, "tokens_by_source": {"vi": 300, "en": 100}}
+    assert target_bytes_per_s(recipe, run_dir, training) == pytest.approx(300 * 4.0 / 10.0)
+    assert target_bytes_per_s(recipe, run_dir, {}) is None
+    (run_dir.root / "model").mkdir()
+    (run_dir.root / "model" / "config.json").write_text("{}")
+    write_json_atomic(run_dir.root / "model" / "graft-train.json", training)
+    build_report(recipe, run_dir)
+    assert "120 bytes of vi text/s" in run_dir.report.read_text()
+    assert "120 bytes of vi text a second" in (run_dir.root / "model" / "README.md").read_text()

@@ -402,6 +402,42 @@ eval:
     assert stats["replay"]["sources"] == ["en"] and stats["skipped"]["changes_replay"] > 0
 
 
+def test_graft_vocab_untie_saves_a_head_that_plain_transformers_loads(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """vocab.untie on a tied base: tie_word_embeddings false, the new output rows apart from the input rows, the
+    base rows equal; plain transformers loads the folder and scores the held-out text as the stage did in memory."""
+    from graftlm.evaluate.suite import Evaluator
+    from graftlm.recipe import load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+name: tiny
+base_model: {tiny_model_dir}
+sources:
+  vi: {{paths: [{DATA}/vi/viwiki.jsonl], lang: vi, max_documents: 40}}
+  en: {{paths: [{DATA}/en/gutenberg.jsonl], lang: en}}
+vocab: {{new_tokens: 300, untie: true, output_init: mean}}
+eval:
+  text: {{vi: {VI_EVAL}, en: {EN_EVAL}}}
+  max_documents: 10
+""")
+    code, _, err = run_graft(monkeypatch, capsys, "vocab", str(recipe), "--runs-dir", str(tmp_path / "runs"))
+    assert code == 0, err
+    run = RunDir(tmp_path / "runs/tiny")
+    stats = json.loads((run.vocab / "stats.json").read_text())
+    assert stats["untied"] and stats["output_init"] == "mean"
+    model = AutoModelForCausalLM.from_pretrained(run.start_model)
+    assert model.config.tie_word_embeddings is False
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert embed.data_ptr() != head.data_ptr()
+    assert torch.equal(embed[:49152], head[:49152])
+    assert not torch.equal(embed[49152:49452], head[49152:49452])
+    evaluator = Evaluator.from_config(load_recipe(recipe).eval.model_copy(update={"choice": {}}),
+                                      AutoTokenizer.from_pretrained(run.start_model))
+    scored = {name: round(r["bpb"], 4) for name, r in evaluator(model)["text"].items()}
+    assert scored == stats["bpb_before_training"]["subword-mean, untied output mean"]
+    assert scored != stats["bpb_before_training"]["subword-mean"]  # the tied start, scored before untying
+
+
 def test_graft_vocab_without_a_vocab_section_says_so(tmp_path, monkeypatch, capsys):
     code, _, err = run_graft(monkeypatch, capsys, "vocab", "--runs-dir", str(tmp_path))
     assert code == 2 and "vocab: the recipe has no vocab section" in err
@@ -412,3 +448,37 @@ def test_other_tokenizer_models_are_refused():
 
     with pytest.raises(GraftError, match="a Unigram model"):
         tokenizer_family({"model": {"type": "Unigram"}})
+
+
+def test_untie_gives_the_head_its_own_rows_and_plain_transformers_loads_it(tmp_path):
+    """A tied model, untied: a separate head saved with tie_word_embeddings false; the same logits in graftlm
+    (the model in memory) and in plain transformers (the folder reloaded)."""
+    from graftlm.vocab.init import initialise_output_rows, is_tied, untie_output_embeddings
+
+    model = tiny_llama(tied=True)
+    tokens = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        before = model(input_ids=tokens).logits
+    rows = grow_embeddings(model, first_new=300, new_tokens=30, pad_to_multiple_of=64)
+    untie_output_embeddings(model)
+    assert not is_tied(model) and model.config.tie_word_embeddings is False
+    initialise_rows(model, rows, "subword-mean", PIECES)
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert torch.equal(emb, head)  # both start as the same rows ...
+    initialise_output_rows(model, rows, "first-piece", PIECES)
+    # ... then the new output rows start apart, and the new input rows stay the subword means
+    assert torch.equal(head[300:330], emb[torch.tensor([p[0] for p in PIECES])])
+    assert torch.equal(emb[300:330], torch.stack([emb[p].mean(0) for p in PIECES]))
+    initialise_output_rows(model, rows, "mean", PIECES)
+    assert torch.allclose(head[300:330], emb[:300].mean(0).expand(30, -1))
+    assert torch.equal(head[:300], emb[:300])
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=tokens).logits[..., :300], before, atol=1e-5)  # base rows: unchanged
+        logits = model(input_ids=torch.tensor([[1, 2, 305, 310]])).logits
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert reloaded.config.tie_word_embeddings is False
+    assert reloaded.get_output_embeddings().weight.data_ptr() != reloaded.get_input_embeddings().weight.data_ptr()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=torch.tensor([[1, 2, 305, 310]])).logits, logits)
+

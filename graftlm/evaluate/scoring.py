@@ -73,8 +73,8 @@ def log_likelihoods(model: "PreTrainedModel", spans: Sequence[Span], pad_id: int
     device = next(model.parameters()).device
     order = sorted(range(len(spans)), key=lambda i: len(spans[i].ids), reverse=True)
     done = 0
-    with torch.no_grad(), _eval_mode(model), _precision(dtype, device):
-        for rows in _batches(order, spans, batch_size):
+    with torch.no_grad(), eval_mode(model), precision(dtype, device):
+        for rows in span_batches(order, spans, batch_size):
             for i, total in zip(rows, _score_batch(model, [spans[i] for i in rows], pad_id, device)):
                 results[i] = total
             done += len(rows)
@@ -83,7 +83,7 @@ def log_likelihoods(model: "PreTrainedModel", spans: Sequence[Span], pad_id: int
     return results
 
 
-def _batches(order: list[int], spans: Sequence[Span], batch_size: int) -> Iterator[list[int]]:
+def span_batches(order: list[int], spans: Sequence[Span], batch_size: int) -> Iterator[list[int]]:
     """Consecutive spans (longest first): at most `batch_size` of them, BATCH_TOKENS padded tokens, and none
     shorter than MIN_FILL of the batch's longest. On a CPU a bigger batch is barely faster per token, so padding
     is pure loss: without the MIN_FILL rule a 40-sentence subset spends a quarter of its time on it."""
@@ -98,7 +98,17 @@ def _batches(order: list[int], spans: Sequence[Span], batch_size: int) -> Iterat
         at = end
 
 
-def _score_batch(model: "PreTrainedModel", batch: list[Span], pad_id: int, device: "torch.device") -> list[float]:
+@dataclass(frozen=True)
+class Batch:
+    """Spans as model inputs, right-padded. `where[:, t]` marks the positions t whose logits predict a scored
+    token, `targets` those tokens (in row-major order)."""
+
+    inputs: dict
+    where: "torch.Tensor"
+    targets: "torch.Tensor"
+
+
+def batch_inputs(batch: Sequence[Span], pad_id: int, device: "torch.device") -> Batch:
     import torch
 
     width = max(len(span.ids) for span in batch)
@@ -110,20 +120,27 @@ def _score_batch(model: "PreTrainedModel", batch: list[Span], pad_id: int, devic
         attention_mask[row, :len(span.ids)] = 1
         scored[row, span.first:len(span.ids)] = True
     position_ids = torch.arange(width).expand(len(batch), -1)
-    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                   position_ids=position_ids.to(device)).logits
-    # The logits at position t predict token t + 1. Only the scored positions go through the (vocabulary-wide)
-    # softmax: padding and context cost nothing there.
+    # The logits at position t predict token t + 1.
     where = scored[:, 1:].to(device)
-    log_probs = torch.log_softmax(logits[:, :-1][where].float(), dim=-1)
-    targets = input_ids[:, 1:].to(device)[where]
-    token_log_probs = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double()
-    rows = where.nonzero()[:, 0]
+    inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+              "position_ids": position_ids.to(device)}
+    return Batch(inputs, where, input_ids[:, 1:].to(device)[where])
+
+
+def _score_batch(model: "PreTrainedModel", batch: list[Span], pad_id: int, device: "torch.device") -> list[float]:
+    import torch
+
+    inputs = batch_inputs(batch, pad_id, device)
+    logits = model(**inputs.inputs).logits
+    # Only the scored positions go through the (vocabulary-wide) softmax: padding and context cost nothing there.
+    log_probs = torch.log_softmax(logits[:, :-1][inputs.where].float(), dim=-1)
+    token_log_probs = log_probs.gather(-1, inputs.targets.unsqueeze(-1)).squeeze(-1).double()
+    rows = inputs.where.nonzero()[:, 0]
     return torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, rows, token_log_probs).tolist()
 
 
 @contextlib.contextmanager
-def _eval_mode(model: "PreTrainedModel") -> Iterator[None]:
+def eval_mode(model: "PreTrainedModel") -> Iterator[None]:
     was_training = model.training
     model.eval()
     try:
@@ -132,7 +149,7 @@ def _eval_mode(model: "PreTrainedModel") -> Iterator[None]:
         model.train(was_training)
 
 
-def _precision(dtype: str, device: "torch.device"):
+def precision(dtype: str, device: "torch.device"):
     """float32: the model's own weights, any surrounding autocast switched off; bfloat16: autocast to bf16."""
     import torch
 

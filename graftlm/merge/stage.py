@@ -90,7 +90,7 @@ class Merge(Stage):
 
     def up_to_date(self, unit, key):
         evaluated = (any(r.get("model") == MERGED for r in self.run_dir.read_metrics())
-                     or not (self.recipe.eval.text or self.recipe.eval.choice))
+                     or not self.recipe.eval.names_anything)
         return super().up_to_date(unit, key) and evaluated
 
     def run(self, unit, key):
@@ -126,11 +126,12 @@ def merge_and_evaluate(recipe: Recipe, run: RunDir, key: str) -> Path:
     save_model(model, tokenizer, run.merged, extra_files={run.merge_marker.name: json.dumps(record, indent=2)})
     log(f"merge: wrote {run.merged}")
 
-    evaluator = Evaluator.for_recipe(recipe.eval, tokenizer)
+    evaluator = Evaluator.for_recipe(recipe.eval, tokenizer, work_dir=run.inside("eval"),
+                                     target=recipe.target_language)
     kept = _without_merged(run.read_metrics())
     if evaluator is not None:
         kept.append({"step": trained["step"], "tokens": trained["tokens"], "model": MERGED,
-                     "eval": evaluator(model)})
+                     "eval": evaluator(model, step=trained["step"], boundary=True)})
     run.write_metrics(kept)
     return run.merged
 

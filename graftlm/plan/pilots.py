@@ -178,9 +178,9 @@ def _training(recipe: Recipe, weights: dict[str, float], tokens: int, schedule: 
     overrides = [f"mixture.{name}={weight!r}" for name, weight in weights.items()]
     overrides += [f"train.max_tokens={tokens}", "train.max_steps=null", f"train.schedule={json.dumps(schedule)}",
                   f"train.lr={plan_of(recipe).lr or recipe.train.lr!r}", "plan=null"]
-    if any(stage.schedule is not None for stage in recipe.train.stages):
-        stages = [{**stage.model_dump(mode="json"), "schedule": None} for stage in recipe.train.stages]
-        overrides.append(f"train.stages={json.dumps(stages)}")
+    if any(phase.schedule is not None for phase in recipe.train.phases):
+        phases = [{**phase.model_dump(mode="json"), "schedule": None} for phase in recipe.train.phases]
+        overrides.append(f"train.phases={json.dumps(phases)}")
     return overrides
 
 

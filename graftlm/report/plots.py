@@ -89,6 +89,35 @@ def eval_curves(metrics: list[dict], kind: str, target: str, langs: dict[str, st
     return _png(fig)
 
 
+def logit_lens(base: dict, trained: dict) -> bytes | None:
+    """The logit lens of the start model (dashed) and the trained one (solid): per lens language, bits per byte of
+    the next token by layer, and the share of top-1 tokens of the target language and of English by layer."""
+    langs = [lang for lang in trained if lang in base]
+    if not langs:
+        return None
+    fig, axes = plt.subplots(len(langs), 2, figsize=(9, 3.0 * len(langs)), squeeze=False)
+    target = next((r.get("target") for r in trained.values() if r.get("target")), None)
+    for row, lang in zip(axes, langs):
+        for result, style, label in ((base[lang], ":", "start"), (trained[lang], "-", "trained")):
+            row[0].plot(result["layers"], result["bpb"], linestyle=style, color="#333", label=label)
+            for key, color, name in (("target_share", TARGET_COLOR, target or "target"),
+                                     ("english_share", SOURCE_COLOR, "en")):
+                if result.get(key) is not None:
+                    row[1].plot(result["layers"], result[key], linestyle=style, color=color, label=f"{name}, {label}")
+        row[0].set_yscale("log")
+        row[0].set_ylabel("bits per byte (log)")
+        row[0].set_title(f"{lang} text: next-token bits per byte under the lens", fontsize=9)
+        row[1].set_ylim(0, 1)
+        row[1].set_ylabel("share of top-1 tokens")
+        row[1].set_title(f"{lang} text: language of the lens's top-1 token", fontsize=9)
+        for ax in row:
+            ax.set_xlabel("layer (0: embeddings)")
+            ax.legend(fontsize=7)
+    fig.suptitle(f"Where does {target or 'the target language'} appear in the depth? (logit lens)", fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def tokens_by_source(metrics: list[dict]) -> bytes | None:
     steps = [r for r in metrics if "tokens_by_source" in r]
     if not steps:

@@ -94,10 +94,13 @@ class DivergenceGuard(Callback):
 
 class Evaluation(Callback):
     """The held-out sets before the first update, every `eval.every` steps and after the last (the stability-gap
-    curve), on the main process; with an exported moving average, the average too, last."""
+    curve), on the main process; with an exported moving average, the average too, last. At the start and the end
+    (`boundary`) everything runs (lm-eval tasks, generations, the logit lens); lm-eval's tasks also every
+    `eval.harness.every` steps."""
 
-    def __init__(self, evaluator, every: int | None, evaluated_at: list[int], ema: EMA | None = None):
-        self.evaluator, self.every = evaluator, every
+    def __init__(self, evaluator, every: list[int | None], evaluated_at: list[int], ema: EMA | None = None):
+        self.evaluator = evaluator
+        self.every = [interval for interval in every if interval]
         self.evaluated_at = evaluated_at
         """Steps already evaluated (by an interrupted run, when resuming)."""
         self.ema = ema
@@ -105,28 +108,31 @@ class Evaluation(Callback):
 
     def on_fit_start(self, trainer: Trainer) -> None:
         if not self.evaluated_at:
-            self._evaluate(trainer)  # the base, before any update
+            self._evaluate(trainer, boundary=True)  # the base, before any update
 
     def on_step_end(self, trainer: Trainer, record: dict) -> None:
-        if self.every and trainer.state.step % self.every == 0:
+        if any(trainer.state.step % interval == 0 for interval in self.every):
             self._evaluate(trainer)
 
     def on_fit_end(self, trainer: Trainer) -> None:
         if not self.evaluated_at or self.evaluated_at[-1] != trainer.state.step:
-            self._evaluate(trainer)
+            self._evaluate(trainer, boundary=True)
         if self.ema is not None:
             with self.ema.applied(), trainer.module.gathered(True, self.evaluator is not None) as method:
                 if self.evaluator is not None:
                     trainer.log({"step": trainer.state.step, "tokens": trainer.state.tokens, "model": "ema",
-                                 "eval": self.evaluator(method.model, progress=trainer.progress)})
+                                 "eval": self._results(trainer, method, boundary=True)})
 
-    def _evaluate(self, trainer: Trainer) -> None:
+    def _evaluate(self, trainer: Trainer, boundary: bool = False) -> None:
         with trainer.module.gathered(True, self.evaluator is not None) as method:  # (every process takes part)
             if self.evaluator is not None:
-                results = self.evaluator(method.model, progress=trainer.progress)
-                trainer.log({"step": trainer.state.step, "tokens": trainer.state.tokens, "eval": results})
+                trainer.log({"step": trainer.state.step, "tokens": trainer.state.tokens,
+                             "eval": self._results(trainer, method, boundary)})
         self.evaluated_at.append(trainer.state.step)
         trainer.group.wait_for_everyone()
+
+    def _results(self, trainer: Trainer, method: Method, boundary: bool) -> dict:
+        return self.evaluator(method.model, progress=trainer.progress, step=trainer.state.step, boundary=boundary)
 
 
 class Checkpointer(Callback):

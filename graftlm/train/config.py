@@ -92,6 +92,19 @@ class EmaConfig(Section):
     """Export (and evaluate last) the averaged weights instead of the last ones."""
 
 
+class LrGroups(Section):
+    """Learning-rate multipliers of parameter groups, applied to the lr of every phase (and its schedule)."""
+
+    new_rows: float = Field(default=1.0, gt=0)
+    """The rows a vocabulary extension added, in the input embeddings and the output head (peft: the trainable
+    token rows of `train.lora.embeddings: new_rows`). Ignored when the start model has no new rows."""
+    embeddings: float = Field(default=1.0, gt=0)
+    """The other rows of the input embeddings and the output head (to keep them fixed instead, train only the new
+    rows: a `train: new_rows` phase, or `train.freeze.embeddings: new_rows`)."""
+    rest: float = Field(default=1.0, gt=0)
+    """Everything else that trains: the transformer blocks, or the adapters of lora/layra."""
+
+
 class DistributedConfig(Section):
     """How the processes of an `accelerate launch` (or torchrun) share the model (graftlm/train/sharding.py)."""
 
@@ -144,6 +157,14 @@ class TrainConfig(Section):
     """The peak learning rate."""
     schedule: ScheduleConfig = ScheduleConfig()
     weight_decay: float = Field(default=0.1, ge=0)
+    embeddings_weight_decay: float = Field(default=0.0, ge=0)
+    """Weight decay of the input embeddings and the output head. Off by default: decoupled decay shrinks every
+    row at every step whether or not its token was in the batch, so rows of tokens the training text seldom
+    holds (most new tokens, and much of the base vocabulary under a narrow corpus) would only shrink, drifting
+    from their pretrained or initialised values with no signal at all; a row's norm also sets its token's logit
+    scale, which decay would lower for the rare tokens only."""
+    lr_groups: LrGroups = LrGroups()
+    """Multipliers of the lr for the new embedding rows, the other embedding rows and the rest, in every phase."""
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(default=1e-8, gt=0)
     grad_clip: float | None = Field(default=1.0, gt=0)

@@ -11,8 +11,13 @@ or only the rows a vocabulary extension added (peft `trainable_token_indices`, s
 freeze train the new rows only by masking the other rows' gradient (`vocab.init.train_only_rows`) and giving the
 embeddings no weight decay, so AdamW, whose moments start at zero in each phase, leaves the base rows bit-identical.
 
+Every phase has parameter groups with their own lr (`train.lr_groups`: the new embedding rows, the other embedding
+rows, the rest); new rows that share a tensor with base rows get theirs by a scaled update (`scale_row_updates`).
+
     method = Method.load(cfg, start_model, checkpoint)
-    groups = method.start_phase("all")   # sets requires_grad; AdamW's parameter groups
+    groups = method.start_phase("all")   # sets requires_grad; AdamW's parameter groups, each with an lr_scale
+    optimizer = torch.optim.AdamW(groups, ...); scale_row_updates(optimizer)
+    apply_lr(optimizer, lr)              # before each step: the phase's lr times each group's lr_scale
     method.export_model()                # a plain transformers model (for peft: a copy with the adapters merged)
     method.save_adapter(folder)          # lora/layra: the adapter alone, loadable with peft
 """
@@ -22,13 +27,18 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from graftlm.errors import GraftError
+from graftlm.progress import log
 from graftlm.runs import read_json, write_json_atomic
 from graftlm.train.config import TrainConfig
 from graftlm.vocab.init import VocabRows, embedding_weights, train_only_rows, vocab_rows
+
+if TYPE_CHECKING:
+    import torch
 
 ADAPTER_DIR = "adapter"
 """A peft adapter folder inside a checkpoint (for resuming) and inside the run directory (the adapter alone)."""
@@ -50,6 +60,8 @@ class Method:
         """The current phase's parameters that learn only their new rows."""
         self.row_hooks = True
         """Mask those rows' gradients with hooks (False: the caller masks them, as FSDP's sharding does)."""
+        if rows is None and cfg.lr_groups.new_rows != 1:
+            log("train: lr_groups.new_rows is ignored: the start model has no new rows (no vocab: section)")
 
     @classmethod
     def load(cls, cfg: TrainConfig, start_model: Path, checkpoint: Path | None = None,
@@ -93,7 +105,7 @@ class Method:
         return embeddings, set()
 
     def start_phase(self, train: str) -> list[dict]:
-        """Make exactly the phase's parameters trainable; AdamW's parameter groups (no decay on masked rows)."""
+        """Make exactly the phase's parameters trainable; AdamW's parameter groups (see `param_groups`)."""
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
@@ -104,9 +116,39 @@ class Method:
         self.only_new_rows = [p for _, p in chosen if id(p) in only_new_rows]
         if only_new_rows and self.row_hooks:
             self._hooks = train_only_rows(self.model, self.rows.new_rows)
-        groups = [{"params": [p for _, p in chosen if id(p) not in only_new_rows]}]
-        if only_new_rows:
-            groups.append({"params": [p for _, p in chosen if id(p) in only_new_rows], "weight_decay": 0.0})
+        return self.param_groups(chosen, only_new_rows)
+
+    def param_groups(self, chosen: list[tuple[str, nn.Parameter]], only_new_rows: set[int]) -> list[dict]:
+        """AdamW's parameter groups for `chosen`, each with its `lr_scale` (`train.lr_groups`: a multiplier of
+        the phase's lr, see `apply_lr`) and weight decay:
+
+        - rest: the blocks or the adapters, at `rest` × lr, with train.weight_decay;
+        - embedding matrices (input embeddings, output head, peft's trainable copies of them) at `embeddings` ×
+          lr, with train.embeddings_weight_decay; their new rows are rows of the same tensor, and AdamW's update
+          does not depend on the gradient's scale, so their lr is set by a `row_scale` [start, stop, factor]
+          that multiplies those rows' update after the step (`scale_row_updates`; factor = new_rows /
+          embeddings): the same update as a separate parameter at `new_rows` × lr, with the optimizer state and
+          the checkpoints unchanged;
+        - new rows alone (peft's trainable token rows; a matrix whose other rows are masked) at `new_rows` × lr;
+          masked matrices get no weight decay, which would shrink the rows that must not move.
+        """
+        lr_groups, decay = self.cfg.lr_groups, self.cfg.embeddings_weight_decay
+        if self.peft:
+            embeddings = {id(p) for n, p in chosen if any(k in n for k in PEFT_EMBEDDING_PARAMETERS)}
+        else:
+            embeddings = {id(p) for p in embedding_weights(self.model)}
+        delta = {id(p) for n, p in chosen if "trainable_tokens_delta" in n}
+        matrices = [p for _, p in chosen if id(p) in embeddings and id(p) not in only_new_rows | delta]
+        matrix_group = {"params": matrices, "lr_scale": lr_groups.embeddings, "weight_decay": decay}
+        factor = lr_groups.new_rows / lr_groups.embeddings
+        if self.rows is not None and factor != 1:
+            matrix_group["row_scale"] = [self.rows.first_new, self.rows.new_rows.stop, factor]
+        groups = [{"params": [p for _, p in chosen if id(p) not in embeddings], "lr_scale": lr_groups.rest},
+                  matrix_group,
+                  {"params": [p for _, p in chosen if id(p) in only_new_rows], "lr_scale": lr_groups.new_rows,
+                   "weight_decay": 0.0},
+                  {"params": [p for _, p in chosen if id(p) in delta], "lr_scale": lr_groups.new_rows,
+                   "weight_decay": decay}]
         return [g for g in groups if g["params"]]
 
     def parameters_replaced(self) -> None:
@@ -138,6 +180,58 @@ class Method:
         self.model.save_pretrained(folder)
         config = folder / "adapter_config.json"
         write_json_atomic(config, {**read_json(config), "base_model_name_or_path": str(start_model.resolve())})
+
+
+def apply_lr(optimizer: "torch.optim.Optimizer", lr: float) -> None:
+    """Set every parameter group to `lr` (the phase's, at this step) times the group's `lr_scale`."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def scale_row_updates(optimizer: "torch.optim.Optimizer") -> list:
+    """Multiply the update of the rows named by each group's `row_scale` [start, stop, factor] by `factor`: their
+    values are kept before each step and set to `old + factor * (new - old)` after it. With AdamW that is exactly a
+    separate parameter at `factor` times the group's lr (the decoupled decay scales with the lr too); a gradient
+    hook could not do it, as Adam divides the gradient's scale away. Only a copy of those rows is held during the
+    step; the optimizer state is the one AdamW keeps. Returns the hook handles. (Under FSDP2, whose shards split a
+    matrix by rows, the same applies to the rows of each local shard: `local_rows`.)"""
+    import torch
+
+    kept: list[tuple[torch.Tensor, float, torch.Tensor]] = []
+
+    def before(opt, args, kwargs) -> None:
+        kept.clear()
+        for group in opt.param_groups:
+            if group.get("row_scale"):
+                start, stop, factor = group["row_scale"]
+                for p in group["params"]:
+                    if p.grad is not None:
+                        rows = local_rows(p.detach(), start, stop)
+                        kept.append((rows, factor, rows.clone()))
+
+    def after(opt, args, kwargs) -> None:
+        with torch.no_grad():
+            for rows, factor, old in kept:
+                rows.sub_(old).mul_(factor).add_(old)
+        kept.clear()
+
+    return [optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after)]
+
+
+def local_rows(tensor: "torch.Tensor", start: int, stop: int) -> "torch.Tensor":
+    """The rows [start, stop) of a matrix that this process holds, as a view that writes through: all of them for a
+    plain tensor; for a DTensor that FSDP2 shards by rows (dim 0, split as torch.chunk splits), those that fall in
+    this process's shard (possibly none)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(tensor, DTensor):
+        return tensor[start:stop]
+    local, mesh = tensor.to_local(), tensor.device_mesh
+    chunk = -(-tensor.shape[0] // mesh.size())
+    offset = min(mesh.get_local_rank() * chunk, tensor.shape[0])
+    if len(local) != min(chunk, tensor.shape[0] - offset):
+        raise RuntimeError(f"a {tuple(tensor.shape)} DTensor is not sharded by rows as torch.chunk splits them")
+    return local[min(max(start - offset, 0), len(local)):min(max(stop - offset, 0), len(local))]
 
 
 def trainable_count(params: list[tuple[str, nn.Parameter]], only_new_rows: set[int], rows: VocabRows | None) -> int:

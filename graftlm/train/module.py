@@ -20,7 +20,7 @@ from graftlm.train.config import TrainConfig
 from graftlm.train.distill import Distiller
 from graftlm.train.flops import flops_per_token, mfu, peak_flops, peak_memory_bytes
 from graftlm.train.loss import CausalLMLoss
-from graftlm.train.methods import Method, trainable_count
+from graftlm.train.methods import Method, apply_lr, scale_row_updates, trainable_count
 from graftlm.train.phases import Phase, phase_at
 from graftlm.train.sharding import Replicated
 
@@ -64,8 +64,7 @@ class TrainModule:
         if self.phase is None or not self.phase.covers(step):
             self._enter_phase(phase_at(self.phases, step))
         lr = self.phase.lr_at(step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        apply_lr(self.optimizer, lr)
         flags = np.array([name in self.replay for name in names]) if self.replay is not None else None
         loss, distilled = self._accumulate_gradients(batch[self.rank::self.world],
                                                      flags[self.rank::self.world] if flags is not None else None)
@@ -107,6 +106,7 @@ class TrainModule:
         resumed_phase, resumed_optimizer = self._resumed
         if resumed_optimizer is not None and resumed_phase == phase.index:
             self.sharding.load_optimizer(self.optimizer, resumed_optimizer)
+        scale_row_updates(self.optimizer)
         self._resumed = (None, None)
         self._wrapped = self.sharding.wrap(
             CausalLMLoss(method.model, chunked=cfg.loss == "chunked", distiller=self.distiller))

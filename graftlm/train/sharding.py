@@ -73,7 +73,7 @@ from graftlm.runs import RunDir
 from graftlm.train.checkpoint import load_training_state, restore_rng_states, rng_states, save_checkpoint
 from graftlm.train.config import TrainConfig
 from graftlm.train.ema import EMA
-from graftlm.train.methods import Method, _blocks
+from graftlm.train.methods import Method, _blocks, local_rows
 
 DCP_DIR = "dcp"
 
@@ -206,7 +206,6 @@ class FullyShard(Replicated):
         self.root = fully_shard(_Root(method.model), mesh=mesh, mp_policy=mixed, offload_policy=offload)
         method.parameters_replaced()
         method.row_hooks = False
-        self.mask_cache: dict[int, torch.Tensor] = {}
         log(f"train: FSDP over {self.world} process(es), {len(blocks)} blocks, "
             f"reshard_after_forward={settings.reshard_after_forward}"
             + (", bf16 mixed precision" if not self.autocast else "") + (", CPU offload" if cuda and
@@ -223,20 +222,13 @@ class FullyShard(Replicated):
 
     @torch.no_grad()
     def finish_gradients(self, method: Method) -> None:
-        """Zero the gradient rows outside the new ones, on this process's shard (rows split as torch.chunk does)."""
+        """Zero the gradient rows outside the new ones, on this process's shard."""
+        rows = method.rows.new_rows if method.rows is not None else None
         for param in method.only_new_rows:
-            if param.grad is None:
-                continue
-            local = param.grad.to_local()
-            mask = self.mask_cache.get(id(param))
-            if mask is None:
-                full = torch.zeros(param.shape[0], 1, dtype=local.dtype, device=local.device)
-                full[method.rows.new_rows.start:method.rows.new_rows.stop] = 1
-                chunks = full.chunk(self.world)
-                mask = chunks[self.rank] if self.rank < len(chunks) else full[:0]
-                assert mask.shape[0] == local.shape[0], "FSDP's dim-0 sharding is not torch.chunk's"
-                self.mask_cache[id(param)] = mask
-            local.mul_(mask)
+            if param.grad is not None:
+                kept = local_rows(param.grad, rows.start, rows.stop).clone()
+                param.grad.to_local().zero_()
+                local_rows(param.grad, rows.start, rows.stop).copy_(kept)
 
     @torch.no_grad()
     def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> float:

@@ -27,6 +27,7 @@ import torch
 from graftlm.data.mix import MixtureSampler
 from graftlm.data.pack import PackedSource
 from graftlm.errors import GraftError
+from graftlm.evaluate.lens import token_languages_for_run
 from graftlm.evaluate.suite import Evaluator
 from graftlm.models import load_tokenizer, tokenizer_files
 from graftlm.progress import log
@@ -95,13 +96,13 @@ def train(recipe, run: RunDir, key: str, fresh: bool = False, on_step_end=None) 
     log(f"train: method {cfg.method}, {cfg.total_steps} steps of {cfg.batch_tokens:,} tokens in {len(phases)} "
         f"phase(s), {accelerator.num_processes} process(es) ({cfg.distributed.strategy}) on {accelerator.device}")
     export_ema = ema if ema is not None and cfg.ema.export else None
-    evaluator = Evaluator.for_recipe(recipe.eval, tokenizer) if accelerator.is_main_process else None
+    evaluator = _evaluator(recipe, run, tokenizer) if accelerator.is_main_process else None
     accelerator.wait_for_everyone()  # metrics.jsonl is truncated to the checkpoint by now
     evaluated_at = [r["step"] for r in run.read_metrics() if "eval" in r]
     callbacks = [*([MovingAverage(ema)] if ema is not None else []), MetricsFile(run),
                  Trackers(recipe.report.trackers, run.trackers, recipe.name, recipe_dump), ProgressBar(),
                  DivergenceGuard(cfg.max_bad_steps, run),
-                 Evaluation(evaluator, recipe.eval.every, evaluated_at, export_ema),
+                 Evaluation(evaluator, [recipe.eval.every, recipe.eval.harness.every], evaluated_at, export_ema),
                  Checkpointer(run, cfg.checkpoint_every, cfg.keep_checkpoints, tokenizer, recipe_dump, data_key, ema),
                  Export(run, key, tokenizer, export_ema),
                  *([StepHook(on_step_end)] if on_step_end is not None else [])]
@@ -110,6 +111,15 @@ def train(recipe, run: RunDir, key: str, fresh: bool = False, on_step_end=None) 
                 accelerator).fit()
     finally:
         sharding.close()
+
+
+def _evaluator(recipe, run: RunDir, tokenizer) -> Evaluator | None:
+    """The recipe's evaluations; the logit lens tells the languages of tokens apart by their frequencies in the
+    packed data of each language's sources."""
+    lens = recipe.eval.lens.text
+    token_languages = token_languages_for_run(recipe, run, len(tokenizer), tokenizer.all_special_ids) if lens else None
+    return Evaluator.for_recipe(recipe.eval, tokenizer, work_dir=run.inside("eval"), target=recipe.target_language,
+                                token_languages=token_languages)
 
 
 def _accelerator(cfg):

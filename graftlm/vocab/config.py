@@ -31,6 +31,19 @@ class VocabConfig(Section):
     share of the replay text's words (1e-4: one in 10,000), e.g. a piece both languages use often."""
     replay_bytes: int = Field(default=20_000_000, ge=1)
     """Replay text read for the check, shared equally by the replay sources."""
+    untie: bool = False
+    """Give the new tokens output rows of their own: a model whose output head is its input embeddings (tied, like
+    SmolLM2) gets a separate head, saved with `tie_word_embeddings: false` (plain transformers loads it), whose new
+    rows start by `output_init` while the input rows start by `init`; the two then train apart. The base rows of
+    both start equal, so the base model's outputs are unchanged. Costs one more embedding-sized matrix of weights
+    (and of optimizer state), not compute."""
+    output_init: Literal["input", "mean", "first-piece"] = "input"
+    """With `untie`, the new output rows: `input`, by the rule of `init` (the same start as tied, then trained
+    apart); `mean`, the mean of the base's output rows: the new tokens start with about the average logit, taking
+    almost no probability, so the base's distribution on text without them (English) is kept, at the cost of the
+    target text at step 0; `first-piece`, the output row of the first base token the new token used to start with
+    (its logit is that piece's: better on the target text at step 0, worse on English, where every new token that
+    starts with an English piece competes with it). Measured on SmolLM2 + 8k Vietnamese tokens: README.md."""
     ascii_tokens: Any = Field(default=None, exclude=True)
     """Removed (see `replay_ratio`); kept only to say so."""
     pad_to_multiple_of: int = Field(default=64, ge=1)

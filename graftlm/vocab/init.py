@@ -3,7 +3,9 @@
 Rows below `first_new` are the base's and are never touched. The new tokens' rows follow, then padding rows up to a
 multiple of `pad_to_multiple_of`; no token produces a padding row, and padding rows get the mean of the base rows
 (what transformers' mean resizing does), whatever `init` says, so that they take almost no probability. A tied
-model has one matrix for both; an untied head is initialised by the same rule from its own rows.
+model has one matrix for both; an untied head is initialised by the same rule from its own rows. `vocab.untie`
+gives a tied model a head of its own (`untie_output_embeddings`), whose new rows can then start by another rule
+(`initialise_output_rows`).
 
 `VocabRows` is what the training stage asks about an extended model (`vocab_rows(folder)`): which rows are new, so
 that it can train the embeddings first, or only the new rows (`train_only_rows`).
@@ -79,6 +81,26 @@ def train_only_rows(model: "PreTrainedModel", rows: range) -> list:
     return handles
 
 
+def is_tied(model: "PreTrainedModel") -> bool:
+    head = model.get_output_embeddings()
+    return head is not None and head.weight is model.get_input_embeddings().weight
+
+
+def untie_output_embeddings(model: "PreTrainedModel") -> None:
+    """Give a tied model's output head its own copy of the embedding matrix, and a config that says so
+    (`tie_word_embeddings: false`), so that save_pretrained writes both and plain transformers loads them apart."""
+    import torch
+
+    embed = model.get_input_embeddings()
+    model.get_output_embeddings().weight = torch.nn.Parameter(embed.weight.detach().clone())
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.tie_word_embeddings = False
+    if hasattr(model, "all_tied_weights_keys"):  # transformers 5 keeps the mapping it ties and saves by
+        model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
+    if is_tied(model):
+        raise ValueError(f"{type(model).__name__}: the output head is still tied to the input embeddings")
+
+
 def grow_embeddings(model: "PreTrainedModel", first_new: int, new_tokens: int, pad_to_multiple_of: int = 64,
                     init: str = "") -> VocabRows:
     """Resize the input embeddings and the output head to hold `new_tokens` rows from `first_new` on, padded.
@@ -118,6 +140,30 @@ def initialise_rows(model: "PreTrainedModel", rows: VocabRows, init: str, base_p
             else:
                 raise ValueError(f"unknown init {init!r}")
             weight[rows.new_rows.start:rows.new_rows.stop] = new.to(weight.dtype)
+
+
+def initialise_output_rows(model: "PreTrainedModel", rows: VocabRows, output_init: str,
+                           base_pieces: Sequence[Sequence[int]]) -> None:
+    """The new rows of an untied output head (see `VocabConfig.output_init`): `input` leaves what
+    `initialise_rows` wrote (the input rule, applied to the head's own rows); `mean`, the mean of the head's base
+    rows, whose logit is the average one, so that the new tokens take almost no probability and the base's
+    next-token distribution on text without them is kept; `first-piece`, the row of the first base token the new
+    token used to start with, whose logit is that piece's."""
+    import torch
+
+    if output_init == "input":
+        return
+    head = model.get_output_embeddings().weight
+    with torch.no_grad():
+        base = head[:rows.first_new].float()
+        if output_init == "mean":
+            new = base.mean(0).expand(rows.new_tokens, -1)
+        elif output_init == "first-piece":
+            new = base[torch.tensor([p[0] if p else 0 for p in base_pieces])]
+            new[[i for i, p in enumerate(base_pieces) if not p]] = base.mean(0)  # a byte the base lacked
+        else:
+            raise ValueError(f"unknown output init {output_init!r}")
+        head[rows.new_rows.start:rows.new_rows.stop] = new.to(head.dtype)
 
 
 def subword_mean(base: "torch.Tensor", pieces: Sequence[Sequence[int]]) -> "torch.Tensor":

@@ -27,7 +27,8 @@ from graftlm.stage import Stage
 from graftlm.vocab.config import VocabConfig
 from graftlm.vocab.extend import (Extension, extend_tokenizer, pre_token_counts, token_shares, tokenizer_family,
                                   train_target_tokenizer)
-from graftlm.vocab.init import INITS, VOCAB_ROWS_FILE, grow_embeddings, initialise_rows, similar_tokens
+from graftlm.vocab.init import (INITS, VOCAB_ROWS_FILE, grow_embeddings, initialise_output_rows, initialise_rows,
+                                is_tied, similar_tokens, untie_output_embeddings)
 
 VOCAB_FORMAT = 1
 TRAIN_VOCAB_PER_NEW_TOKEN = 6
@@ -136,6 +137,12 @@ def extend_vocabulary(recipe: Recipe, run: RunDir, key: str) -> dict:
             log(f"vocab: before training, init {init}: " + ", ".join(f"{k} {v:.3f}" for k, v in step0[init].items())
                 + " bits/byte")
         initialise_rows(model, rows, config.init, extension.base_pieces, similar, config.seed)
+        if config.untie:
+            if is_tied(model):
+                untie_output_embeddings(model)
+            initialise_output_rows(model, rows, config.output_init, extension.base_pieces)
+            if compare:
+                step0[f"{config.init}, untied output {config.output_init}"] = _text_bpb(extended_eval, model)
         save_model(model, tokenizer, tmp / "model", extra_files={VOCAB_ROWS_FILE: rows.to_json()})
         _write_jsonl(tmp / "new_tokens.jsonl", _describe_tokens(extension, tokenizer))
         stats = {
@@ -145,7 +152,7 @@ def extend_vocabulary(recipe: Recipe, run: RunDir, key: str) -> dict:
             "replay": {"sources": list(replay), "documents": replay_read.documents, "bytes": replay_read.bytes,
                        **extension.replay},
             "first_new_id": rows.first_new, "vocab_size": len(tokenizer), "embedding_rows": rows.rows,
-            "init": config.init,
+            "init": config.init, "untied": config.untie, "output_init": config.output_init if config.untie else None,
             **({"weighted": {"from_similar_tokens": similar.covered,
                              "from_subword_mean": len(extension.tokens) - similar.covered}} if similar else {}),
             "examples": [text for text in map(tokenizer.decode, ([i] for i in rows.new_rows))
@@ -166,10 +173,13 @@ def extend_vocabulary(recipe: Recipe, run: RunDir, key: str) -> dict:
 
 
 def _text_evaluator(recipe: Recipe, tokenizer):
-    """The recipe's `eval.text` sets (the during-training subsets), read and tokenised with `tokenizer`."""
+    """The recipe's `eval.text` sets (the during-training subsets) alone, read and tokenised with `tokenizer`."""
+    from graftlm.evaluate.config import EvalConfig
     from graftlm.evaluate.suite import Evaluator
 
-    return Evaluator.from_config(recipe.eval.model_copy(update={"choice": {}}), tokenizer)
+    text_only = recipe.eval.model_dump(include={"text", "text_field", "max_documents", "batch_size", "max_length",
+                                                "dtype"})
+    return Evaluator.from_config(EvalConfig(**text_only), tokenizer)
 
 
 def _text_bpb(evaluator, model) -> dict[str, float]:
