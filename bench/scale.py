@@ -6,19 +6,22 @@ largest model that fits one device. One script, one time limit.
 Sections (default: `processes` everywhere, `mfu` and `fit` too when a CUDA device is present):
 
 processes  `graft train` of SmolLM2-135M (the bundled base, full training, bf16 autocast) in 1 process and in 2
-           DDP processes under `accelerate launch --multi_gpu --num_processes 2` (gloo on a CPU), the same global
-           batch; each process's peak memory (RSS on a CPU, torch's allocation on a GPU) and the run's tokens/s
-           over the steps after the first. On a CPU each process gets --cpu-threads threads (default 1: a process
-           per core, as a process per GPU; OpenMP threads sharing busy cores slow down out of proportion).
-           FSDP: once `train.distributed.strategy: fsdp` exists, its rows go in PROCESS_ROWS below; the memory per
-           process must fall with FSDP at 2 processes.
+           processes under `accelerate launch --multi_gpu --num_processes 2` (gloo on a CPU), the same global
+           batch, with DDP and with FSDP (`train.distributed.strategy: fsdp`); each process's peak memory (RSS on a
+           CPU with glibc's mmap threshold fixed (see run_graft), torch's allocation on a GPU) and the run's
+           tokens/s over the steps after the first. The memory per process must fall with FSDP at 2 processes. The peak includes loading the whole model in every process
+           before it is sharded, and on the main process the whole model gathered for the final checkpoint and
+           the export. On a CPU each process gets --cpu-threads threads (default 1: a process per core, as a
+           process per GPU; OpenMP threads sharing busy cores slow down out of proportion).
 mfu        per model of the SmolLM2 family (the bundled 135M, and a 1.7B config in random init), `graft train` and
            the Hugging Face Trainer on the same packed sequences and batch: tokens/s, MFU against the device's bf16
            peak (graftlm/train/flops.py: 6·N + 12·L·H·Q·T FLOPs per token), peak memory.
 fit        the largest of a ladder of Llama-shaped configs (SmolLM2's vocabulary) whose training step fits one
            device, with and without activation checkpointing: fp32 weights and AdamW state, bf16 autocast, one
            sequence per micro-batch, as graftlm's full training holds them, in a plain loop (saving a 8B model
-           for `graft train` would take minutes). FSDP + checkpointing rows go here when FSDP lands.
+           for `graft train` would take minutes). FSDP divides the weights, gradients and AdamW state over the
+           devices (16/N bytes per parameter); with one device it helps only with train.distributed.cpu_offload,
+           which this plain loop does not measure.
 
 Each contender runs in its own process (its memory is its own) with the time that is left; what the time limit
 cuts is printed as not measured. --device cpu with --models tiny --ladder tiny runs the GPU sections' code on a
@@ -41,9 +44,8 @@ sys.path.insert(0, str(REPO / "bench"))
 RECIPE = REPO / "recipes/demo-vi.yaml"
 GIB = 2**30
 
-PROCESS_ROWS = [("ddp", 1), ("ddp", 2)]
-"""(strategy, processes). FSDP rows, e.g. ("fsdp", 1), ("fsdp", 2), once `train.distributed.strategy` exists:
-`process_row` passes the strategy to `graft train` as `--set train.distributed.strategy=<strategy>`."""
+PROCESS_ROWS = [("ddp", 1), ("ddp", 2), ("fsdp", 1), ("fsdp", 2)]
+"""(strategy, processes): `graft train --set train.distributed.strategy=<strategy>` in that many processes."""
 
 SMOLLM2 = {"vocab_size": 49152, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
            "bos_token_id": 1, "eos_token_id": 2}
@@ -123,6 +125,10 @@ def run_graft(graft_args: list[str], work: Path, label: str, budget: Budget, pro
                    str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                    *command[1:]]
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    # glibc raises its mmap threshold as large blocks are freed, then serves tensors from a heap that it keeps: the
+    # RSS peak would count memory freed long before. A fixed threshold gives every tensor over 128 KiB its own
+    # mapping, returned when it is freed, so the peak RSS is the peak of live memory (for DDP and FSDP alike).
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     try:
@@ -207,7 +213,7 @@ def section_processes(args, work: Path, budget: Budget) -> list[dict]:
     rows = []
     for strategy, processes in PROCESS_ROWS:
         label = f"{strategy}-{processes}"
-        extra = [] if strategy == "ddp" else [f"train.distributed.strategy={strategy}"]
+        extra = [f"train.distributed.strategy={strategy}"]
         row = {"section": "processes", "model": "smollm2-135m", "strategy": strategy, "processes": processes,
                "threads_per_process": args.cpu_threads}
         try:

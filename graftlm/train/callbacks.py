@@ -19,7 +19,7 @@ from graftlm.models import save_model
 from graftlm.progress import log, steps_progress
 from graftlm.runs import RunDir, atomic_dir
 from graftlm.signals import Stopped, requested, signal_name
-from graftlm.train.checkpoint import checkpoint_path, complete_checkpoints, save_checkpoint
+from graftlm.train.checkpoint import checkpoint_path, complete_checkpoints
 from graftlm.train.ema import EMA
 from graftlm.train.methods import ADAPTER_DIR, Method
 from graftlm.train.trainer import Callback, Trainer
@@ -119,26 +119,28 @@ class Evaluation(Callback):
     def on_fit_end(self, trainer: Trainer) -> None:
         if not self.evaluated_at or self.evaluated_at[-1] != trainer.state.step:
             self._evaluate(trainer, boundary=True)
-        if self.ema is not None and self.evaluator is not None:
-            with self.ema.applied():
-                trainer.log({"step": trainer.state.step, "tokens": trainer.state.tokens, "model": "ema",
-                             "eval": self._results(trainer, boundary=True)})
+        if self.ema is not None:
+            with self.ema.applied(), trainer.module.gathered(True, self.evaluator is not None) as method:
+                if self.evaluator is not None:
+                    trainer.log({"step": trainer.state.step, "tokens": trainer.state.tokens, "model": "ema",
+                                 "eval": self._results(trainer, method, boundary=True)})
 
     def _evaluate(self, trainer: Trainer, boundary: bool = False) -> None:
-        if self.evaluator is not None:
-            trainer.log({"step": trainer.state.step, "tokens": trainer.state.tokens,
-                         "eval": self._results(trainer, boundary)})
+        with trainer.module.gathered(True, self.evaluator is not None) as method:  # (every process takes part)
+            if self.evaluator is not None:
+                trainer.log({"step": trainer.state.step, "tokens": trainer.state.tokens,
+                             "eval": self._results(trainer, method, boundary)})
         self.evaluated_at.append(trainer.state.step)
         trainer.group.wait_for_everyone()
 
-    def _results(self, trainer: Trainer, boundary: bool) -> dict:
-        return self.evaluator(trainer.module.method.model, progress=trainer.progress, step=trainer.state.step,
-                              boundary=boundary)
+    def _results(self, trainer: Trainer, method: Method, boundary: bool) -> dict:
+        return self.evaluator(method.model, progress=trainer.progress, step=trainer.state.step, boundary=boundary)
 
 
 class Checkpointer(Callback):
     """A checkpoint every `train.checkpoint_every` steps (only of a good state) and at the end, written by the
-    main process; the other processes wait for it before they look at checkpoints/ again."""
+    main process (fsdp: with every process writing its shards); the other processes wait for it before they look at
+    checkpoints/ again."""
 
     def __init__(self, run: RunDir, every: int, keep: int, tokenizer, recipe_dump: dict, data_key: dict,
                  ema: EMA | None = None):
@@ -161,20 +163,20 @@ class Checkpointer(Callback):
     def save(self, trainer: Trainer) -> None:
         trainer.group.wait_for_everyone()
         self.saved_step = trainer.state.step
-        if not trainer.is_main:
-            return
-        state, method = trainer.state, trainer.module.method
+        state, module = trainer.state, trainer.module
         state.sampler = trainer.sampler.state()
-        save_checkpoint(self.run, state.step, method.export_model(), self.tokenizer, trainer.module.optimizer,
-                        {"state": asdict(state), "recipe": self.recipe_dump, "data": self.data_key},
-                        keep=self.keep, write_more=lambda folder: self._save_more(folder, method))
+        with module.gathered() as method:  # None on the other processes
+            module.sharding.save_checkpoint(
+                self.run, state.step, method, self.tokenizer, module.optimizer,
+                {"state": asdict(state), "recipe": self.recipe_dump, "data": self.data_key}, self.keep, self.ema,
+                write_more=lambda folder: self._save_more(folder, method))
 
-    def _save_more(self, folder: Path, method: Method) -> None:
-        """What a checkpoint needs beyond the merged weights to resume exactly."""
+    @staticmethod
+    def _save_more(folder: Path, method: Method) -> None:
+        """What a checkpoint needs beyond the merged weights to resume exactly (the strategy adds the optimizer,
+        the random states and the EMA)."""
         if method.peft:
             method.model.save_pretrained(folder / ADAPTER_DIR)
-        if self.ema is not None:
-            self.ema.save(folder)
 
 
 class Preemption(Callback):
@@ -221,25 +223,26 @@ class Export(Callback):
         self.run, self.key, self.tokenizer, self.ema = run, key, tokenizer, ema
 
     def on_fit_end(self, trainer: Trainer) -> None:
-        if trainer.is_main:
-            self._export(trainer)
+        with self.ema.applied() if self.ema is not None else contextlib.nullcontext(), \
+                trainer.module.gathered() as method:
+            if trainer.is_main:
+                self._export(trainer, method)
         trainer.group.wait_for_everyone()
 
-    def _export(self, trainer: Trainer) -> None:
+    def _export(self, trainer: Trainer, method: Method) -> None:
         state, module, run = trainer.state, trainer.module, self.run
-        method, cfg = module.method, module.cfg
+        cfg = module.cfg
         marker = {"fingerprint": self.key, "step": state.step, "tokens": state.tokens,
                   "skipped_steps": state.skipped_steps, "elapsed_s": round(state.elapsed_s, 1),
                   "tokens_by_source": trainer.sampler.tokens_by_source(cfg.seq_len), "method": cfg.method,
                   "trainable_parameters": [{"train": p.train, "steps": p.steps,
                                             "parameters": module.trainable[p.index]} for p in module.phases],
                   "ema": self.ema is not None}
-        with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
-            if method.peft:
-                with atomic_dir(run.adapter) as folder:
-                    method.save_adapter(folder, run.start_model)
-            save_model(method.export_model(), self.tokenizer, run.model,
-                       extra_files={run.train_marker.name: json.dumps(marker, indent=2)})
+        if method.peft:
+            with atomic_dir(run.adapter) as folder:
+                method.save_adapter(folder, run.start_model)
+        save_model(method.export_model(), self.tokenizer, run.model,
+                   extra_files={run.train_marker.name: json.dumps(marker, indent=2)})
         log(f"train: {state.step} steps, {state.tokens:,} tokens in {state.elapsed_s:.0f}s -> {run.model}")
 
 

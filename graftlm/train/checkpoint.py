@@ -9,6 +9,9 @@
         trainer_state.json                 step, tokens, the phase, the sampler's position, counters, the recipe
         manifest.json                      the size and xxh3-128 hash of every other file; written last
 
+With `train.distributed.strategy: fsdp`, dcp/ (the sharded model, optimizer and EMA, torch.distributed.checkpoint)
+and rng-<rank>.pt take the place of training_state.pt and ema.safetensors (see train/sharding.py).
+
 Each checkpoint is written into a temporary folder and renamed when complete, so a run killed at any moment leaves
 only complete checkpoints behind. A checkpoint damaged afterwards (a file truncated, emptied, deleted or changed)
 proves it by not matching its manifest: `complete_checkpoints` compares sizes (a stat per file),
@@ -33,13 +36,15 @@ from graftlm.models import save_tokenizer
 from graftlm.progress import log
 from graftlm.runs import (RunDir, atomic_dir, disk_full, disk_full_as_oserror, flatten, read_json, remove_stale,
                           write_json_atomic)
+from graftlm.train.config import DistributedConfig
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 MANIFEST = "manifest.json"
 HASH = "xxh3_128"
 
 RESUME_SAFE_KEYS = ("eval", "train.checkpoint_every", "train.keep_checkpoints", "train.max_bad_steps",
-                    "train.micro_batch_size", "train.ema.export", "merge", "report")
+                    "train.micro_batch_size", "train.ema.export", "train.distributed.reshard_after_forward",
+                    "train.distributed.cpu_offload", "merge", "report")
 """Recipe keys that may change between an interrupted run and its resumption without making it wrong."""
 
 
@@ -158,9 +163,12 @@ def write_manifest(folder: Path) -> None:
     write_json_atomic(folder / MANIFEST, {"format": 1, "files": files})
 
 
-def save_checkpoint(run: RunDir, step: int, model, tokenizer, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict[str, Any], keep: int, write_more: Callable[[Path], None] | None = None) -> Path:
-    """`model` is a plain transformers model; `write_more(folder)` adds what else resuming needs."""
+def save_checkpoint(run: RunDir, step: int, model, tokenizer, optimizer: torch.optim.Optimizer | None,
+                    trainer_state: dict[str, Any], keep: int, write_more: Callable[[Path], None] | None = None,
+                    training_state: Callable[[Path], None] | None = None) -> Path:
+    """`model` is a plain transformers model; `write_more(folder)` adds what else resuming needs;
+    `training_state(folder)` writes the optimizer and random states instead of training_state.pt (the sharded
+    checkpoints of train/sharding.py, which every process writes into the same temporary folder)."""
     folder = checkpoint_path(run, step)
     needed, known = _checkpoint_bytes(run, model)
     if known:  # the same size as the last one: a disk without that much room is said before writing
@@ -172,7 +180,10 @@ def save_checkpoint(run: RunDir, step: int, model, tokenizer, optimizer: torch.o
         save_tokenizer(tokenizer, tmp)
         if write_more is not None:
             write_more(tmp)
-        torch.save({"optimizer": optimizer.state_dict(), **rng_states()}, tmp / "training_state.pt")
+        if training_state is not None:
+            training_state(tmp)
+        else:
+            torch.save({"optimizer": optimizer.state_dict(), **rng_states()}, tmp / "training_state.pt")
         write_json_atomic(tmp / "trainer_state.json", trainer_state)
         write_manifest(tmp)
     for _, old in complete_checkpoints(run)[:-keep]:
@@ -213,6 +224,9 @@ def check_resumable(saved_recipe: dict, recipe: dict, saved_data: dict, data: di
     if "stages" in saved_recipe.get("train", {}):  # a checkpoint from before train.stages was named train.phases
         saved_recipe = {**saved_recipe, "train": {("phases" if k == "stages" else k): v
                                                   for k, v in saved_recipe["train"].items()}}
+    if "distributed" not in saved_recipe.get("train", {"distributed": None}):  # from before train.distributed
+        saved_recipe = {**saved_recipe, "train": {**saved_recipe["train"],
+                                                  "distributed": DistributedConfig().model_dump(mode="json")}}
     changed = [key for key in sorted(set(flatten(saved_recipe)) | set(flatten(recipe)))
                if flatten(saved_recipe).get(key) != flatten(recipe).get(key)
                and not key.startswith(RESUME_SAFE_KEYS) and key != "name"]

@@ -105,6 +105,30 @@ class LrGroups(Section):
     """Everything else that trains: the transformer blocks, or the adapters of lora/layra."""
 
 
+class DistributedConfig(Section):
+    """How the processes of an `accelerate launch` (or torchrun) share the model (graftlm/train/sharding.py)."""
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """`ddp`: every process holds the whole model, its gradients and the optimizer state, and gradients are averaged;
+    `fsdp`: FSDP2 (torch's `fully_shard`, one unit per transformer block): each process holds 1/N of the weights,
+    gradients, optimizer state and moving average, and gathers a block's weights only while it computes with them.
+    Checkpoints are then sharded (torch.distributed.checkpoint) and resume at another number of processes."""
+    reshard_after_forward: bool = True
+    """fsdp: free a block's gathered weights after its forward pass and gather them again for the backward pass
+    (less memory, one more all-gather per block); false keeps them from forward to backward."""
+    cpu_offload: bool = False
+    """fsdp on CUDA: keep the sharded weights, gradients and optimizer state in CPU memory (the optimizer step runs
+    on the CPU); a model on the CPU has nothing to offload."""
+
+    @model_validator(mode="after")
+    def _fsdp_options(self) -> "DistributedConfig":
+        if self.strategy != "fsdp":
+            for key, default in (("reshard_after_forward", True), ("cpu_offload", False)):
+                if getattr(self, key) != default:
+                    raise ValueError(f"{key} is an option of strategy fsdp (strategy is {self.strategy})")
+        return self
+
+
 class PhaseConfig(Section):
     """One phase of training: what it trains, for how long, at which learning rate."""
 
@@ -183,6 +207,8 @@ class TrainConfig(Section):
     """Distillation toward the start model on replay sequences; absent (null): none."""
     ema: EmaConfig | None = None
     """An exponential moving average of the weights; absent (null): none."""
+    distributed: DistributedConfig = DistributedConfig()
+    """With several processes: replicate the model (ddp) or shard it (fsdp)."""
     phases: list[PhaseConfig] = []
     """Phases trained one after the other (embeddings first, then everything); empty: one phase, `all`.
     `stages` is the older name of this key, still read."""

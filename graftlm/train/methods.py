@@ -56,6 +56,10 @@ class Method:
             _freeze(model, cfg)
         self.trainable = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
         self._hooks: list = []
+        self.only_new_rows: list[nn.Parameter] = []
+        """The current phase's parameters that learn only their new rows."""
+        self.row_hooks = True
+        """Mask those rows' gradients with hooks (False: the caller masks them, as FSDP's sharding does)."""
         if rows is None and cfg.lr_groups.new_rows != 1:
             log("train: lr_groups.new_rows is ignored: the start model has no new rows (no vocab: section)")
 
@@ -109,7 +113,8 @@ class Method:
         self.model.requires_grad_(False)
         for _, p in chosen:
             p.requires_grad_(True)
-        if only_new_rows:
+        self.only_new_rows = [p for _, p in chosen if id(p) in only_new_rows]
+        if only_new_rows and self.row_hooks:
             self._hooks = train_only_rows(self.model, self.rows.new_rows)
         return self.param_groups(chosen, only_new_rows)
 
@@ -145,6 +150,11 @@ class Method:
                   {"params": [p for _, p in chosen if id(p) in delta], "lr_scale": lr_groups.new_rows,
                    "weight_decay": decay}]
         return [g for g in groups if g["params"]]
+
+    def parameters_replaced(self) -> None:
+        """Find the trained parameters again after the model's parameter objects were replaced (by sharding)."""
+        current = dict(self.model.named_parameters())
+        self.trainable = [(name, current[name]) for name, _ in self.trainable]
 
     def all_phase_parameters(self, trains: list[str]) -> list[tuple[str, nn.Parameter]]:
         """Every parameter some phase trains, once each (what the EMA averages)."""
@@ -184,7 +194,7 @@ def scale_row_updates(optimizer: "torch.optim.Optimizer") -> list:
     separate parameter at `factor` times the group's lr (the decoupled decay scales with the lr too); a gradient
     hook could not do it, as Adam divides the gradient's scale away. Only a copy of those rows is held during the
     step; the optimizer state is the one AdamW keeps. Returns the hook handles. (Under FSDP2, whose shards split a
-    matrix by rows, the same applies to the rows of each local shard.)"""
+    matrix by rows, the same applies to the rows of each local shard: `local_rows`.)"""
     import torch
 
     kept: list[tuple[torch.Tensor, float, torch.Tensor]] = []
@@ -194,8 +204,10 @@ def scale_row_updates(optimizer: "torch.optim.Optimizer") -> list:
         for group in opt.param_groups:
             if group.get("row_scale"):
                 start, stop, factor = group["row_scale"]
-                kept.extend((p.detach()[start:stop], factor, p.detach()[start:stop].clone())
-                            for p in group["params"] if p.grad is not None)
+                for p in group["params"]:
+                    if p.grad is not None:
+                        rows = local_rows(p.detach(), start, stop)
+                        kept.append((rows, factor, rows.clone()))
 
     def after(opt, args, kwargs) -> None:
         with torch.no_grad():
@@ -206,9 +218,25 @@ def scale_row_updates(optimizer: "torch.optim.Optimizer") -> list:
     return [optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after)]
 
 
+def local_rows(tensor: "torch.Tensor", start: int, stop: int) -> "torch.Tensor":
+    """The rows [start, stop) of a matrix that this process holds, as a view that writes through: all of them for a
+    plain tensor; for a DTensor that FSDP2 shards by rows (dim 0, split as torch.chunk splits), those that fall in
+    this process's shard (possibly none)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(tensor, DTensor):
+        return tensor[start:stop]
+    local, mesh = tensor.to_local(), tensor.device_mesh
+    chunk = -(-tensor.shape[0] // mesh.size())
+    offset = min(mesh.get_local_rank() * chunk, tensor.shape[0])
+    if len(local) != min(chunk, tensor.shape[0] - offset):
+        raise RuntimeError(f"a {tuple(tensor.shape)} DTensor is not sharded by rows as torch.chunk splits them")
+    return local[min(max(start - offset, 0), len(local)):min(max(stop - offset, 0), len(local))]
+
+
 def trainable_count(params: list[tuple[str, nn.Parameter]], only_new_rows: set[int], rows: VocabRows | None) -> int:
     """Parameters that learn: a row-masked matrix counts only its new rows."""
-    return sum(p[rows.new_rows.start:rows.new_rows.stop].numel() if id(p) in only_new_rows else p.numel()
+    return sum(len(rows.new_rows) * p.numel() // p.shape[0] if id(p) in only_new_rows else p.numel()
                for _, p in params)
 
 

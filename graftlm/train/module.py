@@ -1,10 +1,10 @@
 """The maths of one optimizer step, behind `TrainModule.train_batch`.
 
-One step = `batch_tokens` tokens, split across processes (DDP under `accelerate launch`) and micro-batches
-(gradient accumulation), forward and backward under bf16 autocast with fp32 master weights, then gradient clipping
-and AdamW. A non-finite loss skips its update (the divergence guard counts them). Training runs in phases
-(graftlm/train/phases.py), each with its own trainable parameters, a fresh optimizer and its own schedule: the
-module enters the phase of each step by itself.
+One step = `batch_tokens` tokens, split across processes (DDP or FSDP under `accelerate launch`: train/sharding.py)
+and micro-batches (gradient accumulation), forward and backward under bf16 autocast with fp32 master weights, then
+gradient clipping and AdamW. A non-finite loss skips its update (the divergence guard counts them). Training runs
+in phases (graftlm/train/phases.py), each with its own trainable parameters, a fresh optimizer and its own schedule:
+the module enters the phase of each step by itself.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from graftlm.train.flops import flops_per_token, mfu, peak_flops, peak_memory_by
 from graftlm.train.loss import CausalLMLoss
 from graftlm.train.methods import Method, apply_lr, scale_row_updates, trainable_count
 from graftlm.train.phases import Phase, phase_at
+from graftlm.train.sharding import FullyShard, Replicated
 from graftlm.train.speed import to_device, weight_casts_per_step
 
 
@@ -40,8 +41,10 @@ class StepResult:
 class TrainModule:
     def __init__(self, method: Method, cfg: TrainConfig, phases: list[Phase], accelerator,
                  distiller: Distiller | None = None, replay: set[str] | None = None,
-                 resumed_phase: int | None = None, resumed_optimizer: dict | None = None):
+                 resumed_phase: int | None = None, resumed_optimizer=None, sharding: Replicated | None = None):
         self.method, self.cfg, self.phases, self.accelerator = method, cfg, phases, accelerator
+        self.sharding = sharding if sharding is not None else Replicated(accelerator)
+        """train.distributed (train/sharding.py): the model replicated (ddp) or sharded (fsdp)."""
         self.distiller, self.replay = distiller, replay
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self.phase: Phase | None = None
@@ -71,7 +74,8 @@ class TrainModule:
         finite = math.isfinite(loss)
         grad_norm = float("nan")
         if finite:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.cfg.grad_clip or float("inf")).item()
+            self.sharding.finish_gradients(self.method)
+            grad_norm = self.sharding.clip_grad_norm(self._params, self.cfg.grad_clip or float("inf"))
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         extra = {}
@@ -94,7 +98,8 @@ class TrainModule:
 
     def _enter_phase(self, phase: Phase) -> None:
         """The phase's trainable parameters, its fresh optimizer (or the checkpoint's, when resuming inside it) and
-        the loss wrapped for DDP (again per phase: DDP only synchronises what requires grad when it is built)."""
+        the loss wrapped by the strategy (DDP again per phase: it only synchronises what requires grad when it is
+        built; FSDP's sharding was done once, train/sharding.py)."""
         cfg, method = self.cfg, self.method
         groups = method.start_phase(phase.train)
         self.optimizer = torch.optim.AdamW(groups, lr=phase.lr, betas=cfg.betas, eps=cfg.eps,
@@ -102,10 +107,10 @@ class TrainModule:
                                            **_fused_if_available(self.accelerator.device))
         resumed_phase, resumed_optimizer = self._resumed
         if resumed_optimizer is not None and resumed_phase == phase.index:
-            self.optimizer.load_state_dict(resumed_optimizer)
+            self.sharding.load_optimizer(self.optimizer, resumed_optimizer)
         scale_row_updates(self.optimizer)
         self._resumed = (None, None)
-        self._wrapped = self.accelerator.prepare_model(
+        self._wrapped = self.sharding.wrap(
             CausalLMLoss.from_config(method.model, cfg, self.accelerator.device, self.distiller))
         self._params = [p for group in groups for p in group["params"]]
         self.phase = phase
@@ -123,15 +128,15 @@ class TrainModule:
         micro_batches = tokens.split(cfg.micro_batch_size)
         replay = [None] * len(micro_batches) if local_replay is None else \
             torch.from_numpy(local_replay).to(accelerator.device).split(cfg.micro_batch_size)
-        loss_module = accelerator.unwrap_model(wrapped)
+        loss_module = self.sharding.unwrap(wrapped)
         total = torch.zeros((), device=accelerator.device)
         distilled = torch.zeros((), device=accelerator.device)
-        with weight_casts_per_step(cfg, accelerator.device):  # each weight cast to bf16 once per step
+        with self._weight_casts():  # each weight cast to bf16 once per step
             for i, (micro, flags) in enumerate(zip(micro_batches, replay)):
                 weight = len(micro) / len(tokens)
                 last = i == len(micro_batches) - 1
                 extra = {} if flags is None else {"replay": flags}
-                with contextlib.nullcontext() if last else accelerator.no_sync(wrapped), self.autocast():
+                with self.sharding.no_sync(wrapped, last), self.autocast():
                     loss = wrapped(micro[:, :-1], micro[:, 1:], **extra)
                 if torch.isfinite(loss):
                     (loss * weight).backward()
@@ -140,9 +145,22 @@ class TrainModule:
                     distilled += loss_module.distill_part.float() * weight
         return total, distilled
 
+    def _weight_casts(self):
+        """One bf16 cast of each weight per step, shared by its micro-batches: not under FSDP, whose units gather
+        and free their weights per micro-batch (a cache across them would hold the whole model gathered)."""
+        if isinstance(self.sharding, FullyShard):
+            return contextlib.nullcontext()
+        return weight_casts_per_step(self.cfg, self.accelerator.device)
+
     def autocast(self):
         return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16,
-                              enabled=self.cfg.precision == "bf16")
+                              enabled=self.cfg.precision == "bf16" and self.sharding.autocast)
+
+    def gathered(self, on_device: bool = False, wanted: bool = True):
+        """A context: the method with its whole weights on the main process, None on the others (and when the main
+        process passes `wanted=False`); every process must enter it (under fsdp the weights are gathered from every
+        process's shards)."""
+        return self.sharding.gathered(self.method, on_device, wanted)
 
 
 def _fused_if_available(device: torch.device) -> dict:

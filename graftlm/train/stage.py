@@ -11,9 +11,10 @@ Optional: distillation toward the start model on replay sequences (distill.py; `
 `distill` is the added term) and a moving average of the weights (ema.py). The exported model, runs/<name>/model/,
 is a plain Hugging Face folder with any adapter merged (the adapter alone goes to runs/<name>/adapter/).
 
-Setup, in order: open the packed data; decide between resuming and starting over; build the model, the sampler,
-the phases, the moving average and the teacher; restore a checkpoint's state; then the trainer runs with its
-callbacks, and the result is exported.
+Setup, in order: open the packed data; decide between resuming and starting over; build the model (sharded across
+the processes with `train.distributed.strategy: fsdp`, train/sharding.py), the sampler, the phases, the moving
+average and the teacher; restore a checkpoint's state; then the trainer runs with its callbacks, and the result is
+exported.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,17 +33,18 @@ from graftlm.evaluate.lens import token_languages_for_run
 from graftlm.evaluate.suite import Evaluator
 from graftlm.models import load_tokenizer, tokenizer_files
 from graftlm.progress import log
-from graftlm.runs import RunDir, hash_files
+from graftlm.runs import RunDir, hash_files, read_json
 from graftlm.signals import graceful
 from graftlm.stage import Stage
 from graftlm.train.callbacks import (Checkpointer, DivergenceGuard, Evaluation, Export, MetricsFile,
                                      MovingAverage, Preemption, ProgressBar, StepHook)
-from graftlm.train.checkpoint import check_resumable, latest_valid_checkpoint, load_training_state, restore_rng_states
+from graftlm.train.checkpoint import check_resumable, latest_valid_checkpoint
 from graftlm.train.distill import Distiller
 from graftlm.train.ema import EMA
 from graftlm.train.methods import Method
 from graftlm.train.module import TrainModule
 from graftlm.train.phases import plan_phases
+from graftlm.train.sharding import Replicated, prepare_sharding
 from graftlm.train.speed import prepare_for_speed
 from graftlm.train.trackers import Trackers
 from graftlm.train.trainer import Trainer, TrainerState
@@ -71,7 +74,8 @@ class Resumed:
 
     folder: Path
     state: TrainerState
-    optimizer: dict
+    optimizer: Any
+    """The optimizer state, as the strategy's `load_optimizer` takes it (fsdp: the checkpoint's folder)."""
 
 
 def train(recipe, run: RunDir, key: str, fresh: bool = False, on_step_end=None) -> None:
@@ -82,17 +86,19 @@ def train(recipe, run: RunDir, key: str, fresh: bool = False, on_step_end=None) 
     sources, data_key = open_packed(recipe, run)
     checkpoint = _checkpoint_to_resume(run, fresh, accelerator)
     method = _load_method(recipe, run, checkpoint, accelerator)
+    sharding = prepare_sharding(method, cfg, accelerator)  # fsdp shards the model here, before the EMA copies it
     tokenizer = load_tokenizer(str(run.start_model), recipe.trust_remote_code)
     sampler = MixtureSampler(sources, recipe.mixture_weights(), cfg.seq_len, cfg.seed, recipe.mixture.repeat)
     phases = plan_phases(cfg)
     ema = EMA(method.all_phase_parameters([p.train for p in phases]), cfg.ema.decay) if cfg.ema else None
     distiller, replay = _teacher(recipe, run, accelerator)
     recipe_dump = recipe.model_dump(mode="json")
-    resumed = _restore(checkpoint, recipe_dump, data_key, sampler, ema, run, accelerator) if checkpoint else None
+    resumed = _restore(checkpoint, recipe_dump, data_key, sampler, ema, run, accelerator, sharding) \
+        if checkpoint else None
     module = TrainModule(method, cfg, phases, accelerator, distiller, replay,
-                         resumed.state.phase if resumed else None, resumed.optimizer if resumed else None)
+                         resumed.state.phase if resumed else None, resumed.optimizer if resumed else None, sharding)
     log(f"train: method {cfg.method}, {cfg.total_steps} steps of {cfg.batch_tokens:,} tokens in {len(phases)} "
-        f"phase(s), {accelerator.num_processes} process(es) on {accelerator.device}")
+        f"phase(s), {accelerator.num_processes} process(es) ({cfg.distributed.strategy}) on {accelerator.device}")
     export_ema = ema if ema is not None and cfg.ema.export else None
     evaluator = _evaluator(recipe, run, tokenizer) if accelerator.is_main_process else None
     accelerator.wait_for_everyone()  # metrics.jsonl is truncated to the checkpoint by now
@@ -104,9 +110,12 @@ def train(recipe, run: RunDir, key: str, fresh: bool = False, on_step_end=None) 
                  Evaluation(evaluator, [recipe.eval.every, recipe.eval.harness.every], evaluated_at, export_ema),
                  checkpointer, Preemption(checkpointer), Export(run, key, tokenizer, export_ema),
                  *([StepHook(on_step_end)] if on_step_end is not None else [])]
-    with graceful():  # a signal from here on stops after a step, with a checkpoint
-        Trainer(module, sampler, resumed.state if resumed else TrainerState(), cfg.total_steps, callbacks,
-                accelerator).fit()
+    try:
+        with graceful():  # a signal from here on stops after a step, with a checkpoint
+            Trainer(module, sampler, resumed.state if resumed else TrainerState(), cfg.total_steps, callbacks,
+                    accelerator).fit()
+    finally:
+        sharding.close()
 
 
 def _evaluator(recipe, run: RunDir, tokenizer) -> Evaluator | None:
@@ -191,17 +200,15 @@ def _checkpoint_to_resume(run: RunDir, fresh: bool, accelerator) -> Path | None:
 
 
 def _restore(folder: Path, recipe_dump: dict, data_key: dict, sampler: MixtureSampler, ema: EMA | None,
-             run: RunDir, accelerator) -> Resumed:
-    saved, training_state = load_training_state(folder)
+             run: RunDir, accelerator, sharding: Replicated) -> Resumed:
+    saved = read_json(folder / "trainer_state.json")
     check_resumable(saved["recipe"], recipe_dump, saved["data"], data_key, folder)
-    restore_rng_states(training_state)
+    optimizer = sharding.restore(folder, ema)  # random states, the EMA (fsdp: the weights too, resharded)
     state = TrainerState(**saved["state"])
     sampler.load_state(state.sampler)
-    if ema is not None:
-        ema.load(folder)
     if accelerator.is_main_process:
         # what an interrupted run logged after its last checkpoint is logged again; the evaluations of exported
         # models (EMA, merged) are made again at the end
         run.write_metrics([r for r in run.read_metrics() if r.get("step", 0) <= state.step and "model" not in r])
     log(f"train: resuming from {folder.name} (step {state.step}, {state.tokens:,} tokens)")
-    return Resumed(folder, state, training_state["optimizer"])
+    return Resumed(folder, state, optimizer)
