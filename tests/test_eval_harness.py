@@ -414,3 +414,31 @@ def test_report_shows_harness_generations_and_lens(tmp_path):
     assert "<b>cũ</b>" not in page
     assert "Logit lens" in page and "counted in the packed training data" in page
     assert page.count("data:image/png;base64,") >= 2
+
+
+def test_the_trained_model_gets_the_boundary_evaluation_when_the_last_step_is_an_eval_step():
+    """eval.every dividing the run's length: the last step's evaluation is the end's (generations, lens), not a
+    plain one that the end then skips."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from graftlm.train.callbacks import Evaluation
+
+    calls, logged = [], []
+
+    def evaluator(model, progress=None, step=0, boundary=False):
+        calls.append((step, boundary))
+        return {}
+
+    state = SimpleNamespace(step=0, tokens=0)
+    module = SimpleNamespace(gathered=lambda *a: contextlib.nullcontext(SimpleNamespace(model=None)))
+    trainer = SimpleNamespace(state=state, total_steps=4, module=module, log=logged.append, progress=None,
+                              group=SimpleNamespace(wait_for_everyone=lambda: None))
+    callback = Evaluation(evaluator, [2], [])
+    callback.on_fit_start(trainer)
+    for step in range(1, 5):
+        state.step = step
+        callback.on_step_end(trainer, {})
+    callback.on_fit_end(trainer)
+    assert calls == [(0, True), (2, False), (4, True)]
+    assert [r["step"] for r in logged] == [0, 2, 4]

@@ -113,8 +113,9 @@ class Evaluation(Callback):
             self._evaluate(trainer, boundary=True)  # the base, before any update
 
     def on_step_end(self, trainer: Trainer, record: dict) -> None:
-        if any(trainer.state.step % interval == 0 for interval in self.every):
-            self._evaluate(trainer)
+        last = trainer.state.step == trainer.total_steps  # the trained model: everything, as at the start
+        if last or any(trainer.state.step % interval == 0 for interval in self.every):
+            self._evaluate(trainer, boundary=last)
 
     def on_fit_end(self, trainer: Trainer) -> None:
         if not self.evaluated_at or self.evaluated_at[-1] != trainer.state.step:
