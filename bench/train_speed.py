@@ -4,7 +4,8 @@
         [--rounds 1] [--device cpu|cuda] [--threads N] [--set train.KEY=VALUE ...]
         [--variant NAME:train.KEY=VALUE,... ...]
 
-Full continued pre-training of SmolLM2-135M under bf16 autocast. Each contender runs in its own process (so peak
+Full continued pre-training of SmolLM2-135M in the precision `train.precision` becomes here (auto: bf16 autocast
+where the device computes bf16 faster than fp32, else fp32; graftlm/precision.py), the Trainer in the same one. Each contender runs in its own process (so peak
 RSS is its own), through the real code path: graftlm's `train()` on the bundled demo recipe (plus `--set`
 overrides), the Trainer with fused AdamW on the same packed sequences. A `--variant` is graftlm with more
 overrides (e.g. `--variant compile:train.compile=true`), to measure one speed-up's own gain in the same run.
@@ -14,7 +15,7 @@ taken round by round. On a machine shared with other jobs, `--threads 1` keeps t
 waiting on each other at every barrier while the scheduler runs someone else (with 2 threads on 2 busy cores a
 step can take 4x longer than with 1).
 
-The ceiling is what this machine could reach if every FLOP ran at its bf16 matmul rate: (6·N + attention) FLOP per
+The ceiling is what this machine could reach if every FLOP ran at its matmul rate in that precision: (6·N + attention) FLOP per
 token, N the parameters that take part in matrix products (the input embedding only when it is the tied output
 layer), attention 6·layers·seq·(heads·head_dim) (QKᵀ and AV, forward and backward, causal: half the square). The
 rate is measured in each contender's process, before and after its steps, on the model's own MLP shape and on a
@@ -121,7 +122,7 @@ def worker_trainer(run_root: Path, args: dict, overrides: list[str], clock: Step
             clock.tick()
 
     with tempfile.TemporaryDirectory() as out:
-        targs = TrainingArguments(output_dir=out, bf16=True, use_cpu=args["device"] != "cuda",
+        targs = TrainingArguments(output_dir=out, bf16=args["bf16"], use_cpu=args["device"] != "cuda",
                                   per_device_train_batch_size=micro, gradient_accumulation_steps=per_step // micro,
                                   max_steps=steps, learning_rate=3e-4, lr_scheduler_type="cosine", warmup_steps=0,
                                   weight_decay=0.1, max_grad_norm=1.0, optim="adamw_torch_fused", logging_steps=1,
@@ -130,14 +131,16 @@ def worker_trainer(run_root: Path, args: dict, overrides: list[str], clock: Step
         Trainer(model=model, args=targs, train_dataset=dataset, callbacks=[StepTimer()]).train()
 
 
-def matmul_rate(device: str, tokens: int, hidden: int, intermediate: int) -> tuple[float, float]:
-    """bf16 matrix-product FLOP per wall second and per CPU second on `device`: the better of the model's MLP
-    product and a square one."""
+def matmul_rate(device: str, bf16: bool, tokens: int, hidden: int, intermediate: int) -> tuple[float, float]:
+    """Matrix-product FLOP per wall second and per CPU second on `device` in bf16 (or fp32): the better of the
+    model's MLP product and a square one."""
     import torch
 
+    dtype = torch.bfloat16 if bf16 else torch.float32
+
     def rate(m: int, k: int, n: int, repeats: int) -> tuple[float, float]:
-        a = torch.randn(m, k, dtype=torch.bfloat16, device=device)
-        b = torch.randn(k, n, dtype=torch.bfloat16, device=device)
+        a = torch.randn(m, k, dtype=dtype, device=device)
+        b = torch.randn(k, n, dtype=dtype, device=device)
         a @ b
         best_wall = best_cpu = float("inf")
         for _ in range(3):
@@ -164,10 +167,10 @@ def worker(name: str, run_root: str, args: dict, overrides: list[str], shapes: t
 
     import torch
 
-    rates = [matmul_rate(args["device"], *shapes)]
+    rates = [matmul_rate(args["device"], args["bf16"], *shapes)]
     clock = StepClock()
     globals()[f"worker_{name}"](Path(run_root), args, overrides, clock)
-    rates.append(matmul_rate(args["device"], *shapes))
+    rates.append(matmul_rate(args["device"], args["bf16"], *shapes))
     device_peak = torch.cuda.max_memory_allocated() / 2**30 if args["device"] == "cuda" else None
     print("RESULT", json.dumps({"steps": clock.steps, "matmul": rates, "device_peak": device_peak,
                                 "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
@@ -177,7 +180,7 @@ def run_worker(name: str, run_root: Path, args: argparse.Namespace, overrides: l
                shapes: tuple[int, int, int]) -> dict:
     """Run a contender in a fresh process: tokens per wall and per CPU second after the first step, the first
     step's seconds, peak RSS, the matmul rates."""
-    settings = {k: getattr(args, k) for k in ("steps", "batch_tokens", "micro_batch", "seq_len", "device")}
+    settings = {k: getattr(args, k) for k in ("steps", "batch_tokens", "micro_batch", "seq_len", "device", "bf16")}
     code = (f"import sys; sys.path.insert(0, {str(REPO / 'bench')!r}); import train_speed as b; "
             f"b.worker({name!r}, {str(run_root)!r}, {settings!r}, {overrides!r}, {shapes!r})")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
@@ -235,6 +238,11 @@ def main() -> None:
 
         if not torch.cuda.is_available():
             sys.exit("--device cuda: no CUDA device here")
+    from graftlm.precision import train_precision
+
+    asked = [o.split("=", 1)[1] for o in args.overrides if o.startswith("train.precision=")]
+    args.precision = train_precision(asked[-1] if asked else "auto", args.device)
+    args.bf16 = args.precision == "bf16"
     contenders = [("graftlm", "graftlm", args.overrides)]
     if not args.no_trainer:
         contenders.append(("HF Trainer", "trainer", []))
@@ -256,7 +264,7 @@ def main() -> None:
 
     per_token = six_n + attention
     print(f"\n{model_name}, seq {args.seq_len}, {args.batch_tokens} tokens/step (micro-batch {args.micro_batch}), "
-          f"bf16 autocast on {args.device}, {args.steps} steps per run (first excluded), {args.rounds} round(s), "
+          f"{args.precision} on {args.device}, {args.steps} steps per run (first excluded), {args.rounds} round(s), "
           f"{os.cpu_count()} CPUs ({args.threads or 'default'} threads), load average {os.getloadavg()[0]:.1f}; "
           f"graftlm: {' '.join(args.overrides) or 'defaults'}")
     print(f"{'contender':24} {'tok/s':>7} {'(each round)':>20} {'first step':>10} {'peak RSS':>9} {'ceiling':>7} "
@@ -283,7 +291,7 @@ def main() -> None:
                 print(f"  {label.strip()} / graftlm ({unit} time): {statistics.median(gains):.3f}x (each round: "
                       f"{' '.join(f'{g:.3f}' for g in gains)})")
     rates = [r["matmul"] for rows in results.values() for r in rows]
-    print(f"ceiling: (6N {six_n / 1e6:.0f} + attention {attention / 1e6:.0f}) MFLOP/token at the bf16 matmul rate "
+    print(f"ceiling: (6N {six_n / 1e6:.0f} + attention {attention / 1e6:.0f}) MFLOP/token at the {args.precision} matmul rate "
           f"measured in each run ({min(rates) / 1e9:.0f}-{max(rates) / 1e9:.0f} GFLOP/s); graftlm reaches "
           f"{statistics.median(r['tok_s'] / (r['matmul'] / per_token) for r in ours):.0%} of it (target >= 70%); "
           f"per CPU second (time the process ran, as the matmul rate): "

@@ -128,7 +128,8 @@ def eval_(
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Sequences per forward pass."),
     max_length: Optional[int] = typer.Option(None, "--max-length", min=8,
                                              help="Context in tokens (default: the model's, at most 2048)."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16 (autocast)."),
+    dtype: str = typer.Option("float32", "--dtype",
+                              help="float32, bfloat16 (autocast) or auto (bfloat16 where it is the faster)."),
 ) -> None:
     """Score a model: bits per byte, multiple choice, lm-eval tasks, generations and the logit lens."""
     import json

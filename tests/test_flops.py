@@ -52,7 +52,7 @@ def test_cpu_peak_is_measured_once_and_read_back(tmp_path, monkeypatch):
     monkeypatch.setattr(flops, "CPU_SECONDS_PER_SHAPE", 0.05)
     measured = []
     measure = flops.measure_cpu_matmul_flops
-    monkeypatch.setattr(flops, "measure_cpu_matmul_flops", lambda: measured.append(measure()) or measured[-1])
+    monkeypatch.setattr(flops, "measure_cpu_matmul_flops", lambda **kw: measured.append(measure(**kw)) or measured[-1])
 
     first = flops.peak_flops("cpu")
     assert first > 1e8 and len(measured) == 1  # a CPU does more than 0.1 GFLOP/s

@@ -178,8 +178,9 @@ class EvalConfig(Section):
     max_length: int | None = Field(default=None, ge=8)
     """Context length in tokens; longer documents are scored in overlapping windows. Default: the model's own,
     capped at 2048."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """float32 agrees with a plain transformers computation; bfloat16 (autocast) is faster where bf16 is fast.
+    dtype: Literal["float32", "bfloat16", "auto"] = "float32"
+    """float32 agrees with a plain transformers computation; bfloat16 (autocast) is faster where bf16 is fast;
+    auto: bfloat16 where the device computes it faster than float32, else float32 (graftlm/precision.py).
     (lm-eval tasks always run in the model's own precision, as lm-eval's command line does.)"""
     harness: HarnessConfig = HarnessConfig()
     """lm-evaluation-harness tasks, at the start and the end of training (and every `harness.every` steps)."""

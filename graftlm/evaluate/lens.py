@@ -27,6 +27,7 @@ import numpy as np
 
 from graftlm.errors import GraftError
 from graftlm.evaluate.bpb import TextSet, windows
+from graftlm.precision import eval_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -155,9 +156,9 @@ def logit_lens(model: "PreTrainedModel", text_set: TextSet, token_languages: Tok
     from graftlm.evaluate.scoring import batch_inputs, eval_mode, precision, span_batches
 
     norm, head = final_norm_and_head(model)
-    project = _projection(head, dtype)
-    spans = [span for doc in text_set.documents for span in windows([start_id, *doc], max_length)]
     device = next(model.parameters()).device
+    project = _projection(head, eval_dtype(dtype, device))
+    spans = [span for doc in text_set.documents for span in windows([start_id, *doc], max_length)]
     nats: np.ndarray | None = None
     counts: np.ndarray | None = None
     done = 0

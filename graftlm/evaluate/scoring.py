@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from graftlm.errors import GraftError
+from graftlm.precision import eval_dtype
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "auto")
 BATCH_TOKENS = 4096
 """Most tokens in one forward pass: the float32 logits of 4096 tokens over a 49k vocabulary are 0.8 GB."""
 MIN_FILL = 0.9
@@ -173,11 +174,12 @@ def eval_mode(model: "PreTrainedModel") -> Iterator[None]:
 
 
 def precision(dtype: str, device: "torch.device"):
-    """float32: the model's own weights, any surrounding autocast switched off; bfloat16: autocast to bf16."""
+    """float32: the model's own weights, any surrounding autocast switched off; bfloat16: autocast to bf16; auto:
+    bfloat16 where it is the faster (graftlm/precision.py)."""
     import torch
 
     if dtype not in DTYPES:
         raise GraftError(f"eval.dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
-    if dtype == "bfloat16":
+    if eval_dtype(dtype, device) == "bfloat16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return torch.autocast(device.type, enabled=False)

@@ -168,8 +168,11 @@ class TrainConfig(Section):
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(default=1e-8, gt=0)
     grad_clip: float | None = Field(default=1.0, gt=0)
-    precision: Literal["bf16", "fp32"] = "bf16"
-    """bf16: autocast on CPU (AVX512-BF16/AMX) and CUDA with fp32 master weights; fp32: no autocast."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """bf16: autocast with fp32 master weights; fp32: no autocast; auto: bf16 where the device computes it faster
+    than fp32 (CUDA from Ampere on; a CPU with AVX512-BF16 or AMX), else fp32 (graftlm/precision.py measures it:
+    a CPU without bf16 instructions runs bf16 products about a hundred times slower). The log's `train:` line
+    says which it became."""
     loss: Literal["chunked", "standard", "liger"] = "chunked"
     """chunked: the output layer and cross-entropy run a chunk of tokens at a time, never holding all logits;
     standard: the model's own logits, then cross-entropy; liger: Liger Kernel's fused linear cross-entropy (CUDA

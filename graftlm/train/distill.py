@@ -74,8 +74,11 @@ class Distiller:
     def load(cls, model_dir: str | Path, config: DistillConfig, device: torch.device,
              trust_remote_code: bool = False) -> "Distiller":
         from graftlm.models import load_model
+        from graftlm.precision import fast_bf16
 
-        teacher = load_model(str(model_dir), dtype=torch.bfloat16, trust_remote_code=trust_remote_code)
+        # bf16 halves the teacher's memory, where the device computes bf16 fast (graftlm/precision.py)
+        dtype = torch.bfloat16 if fast_bf16(device.type) else torch.float32
+        teacher = load_model(str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code)
         return cls(teacher.requires_grad_(False).to(device), config)
 
     @torch.no_grad()

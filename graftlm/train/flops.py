@@ -124,30 +124,32 @@ def cuda_peak_flops(name: str) -> float | None:
     return None
 
 
-def peak_flops(device: torch.device | str = "cpu", refresh: bool = False) -> float | None:
-    """The bf16 peak (FLOP/s) of one process's device: the table's for CUDA (None when the device is unknown or
-    has no bf16 tensor cores), measured and cached for a CPU with this process's thread count.
+def peak_flops(device: torch.device | str = "cpu", refresh: bool = False, bf16: bool = True) -> float | None:
+    """The peak (FLOP/s) of one process's device: the bf16 table's for CUDA (None when the device is unknown or
+    has no bf16 tensor cores, or `bf16` is off), measured and cached for a CPU with this process's thread count,
+    under bf16 autocast or in fp32 (`bf16`: the training's precision).
 
     For a run of several processes, add up the processes' peaks: on one CPU machine that assumes their threads do
     not share cores (torchrun and `accelerate launch` give each process one thread unless told otherwise)."""
     device = torch.device(device)
     if device.type == "cuda":
-        return cuda_peak_flops(torch.cuda.get_device_name(device))
+        return cuda_peak_flops(torch.cuda.get_device_name(device)) if bf16 else None
     if device.type != "cpu":
         return None
-    return cpu_peak_flops(refresh=refresh)
+    return cpu_peak_flops(refresh=refresh, bf16=bf16)
 
 
-def cpu_peak_flops(refresh: bool = False) -> float:
-    """The best bf16 matmul rate (FLOP/s) torch reaches on this CPU with this process's threads, measured once
-    (about a second) and cached in `<cache dir>/cpu_bf16_peak.json` under the CPU model, torch version and thread
-    count. A measurement on a busy machine comes out low: `refresh=True` measures again."""
+def cpu_peak_flops(refresh: bool = False, bf16: bool = True) -> float:
+    """The best matmul rate (FLOP/s) torch reaches on this CPU with this process's threads, under bf16 autocast
+    (or in fp32), measured once (about a second) and cached in `<cache dir>/cpu_bf16_peak.json` under the CPU
+    model, torch version, thread count (and ` | fp32`). A measurement on a busy machine comes out low:
+    `refresh=True` measures again."""
     path = cache_dir() / "cpu_bf16_peak.json"
-    key = cpu_key()
+    key = cpu_key() + ("" if bf16 else " | fp32")
     table = _read_json(path)
     if not refresh and isinstance(table.get(key), dict) and table[key].get("flops", 0) > 0:
         return float(table[key]["flops"])
-    flops = measure_cpu_matmul_flops()
+    flops = measure_cpu_matmul_flops(bf16=bf16)
     table[key] = {"flops": flops, "measured": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
                   "shapes": CPU_SHAPES}
@@ -155,13 +157,17 @@ def cpu_peak_flops(refresh: bool = False) -> float:
     return flops
 
 
-def measure_cpu_matmul_flops(shapes=None, seconds: float | None = None) -> float:
-    """The best rate of fp32 products under bf16 autocast (what a training step's linear layers do on a CPU)."""
+def measure_cpu_matmul_flops(shapes=None, seconds: float | None = None, bf16: bool = True) -> float:
+    """The best rate of fp32 products under bf16 autocast (what a training step's linear layers do on a CPU), or
+    in fp32. The shapes are timed smallest first; once one product takes longer than `seconds` (a CPU without
+    bf16 instructions: minutes for the largest), the larger ones are left out."""
     shapes, seconds = shapes or CPU_SHAPES, seconds or CPU_SECONDS_PER_SHAPE
     best = 0.0
     generator = torch.Generator().manual_seed(0)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        for m, k, n in shapes:
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        for m, k, n in sorted(shapes, key=lambda shape: shape[0] * shape[1] * shape[2]):
+            if best and 2 * m * k * n / best > seconds:
+                break
             a = torch.randn(m, k, generator=generator)
             b = torch.randn(k, n, generator=generator)
             torch.matmul(a, b)  # warm-up: kernel selection, page faults

@@ -53,9 +53,10 @@ class TrainModule:
         self._wrapped = self._params = None
         self.trainable = {p.index: trainable_count(*method.parameters(p.train), method.rows) for p in phases}
         self.flops_per_token = flops_per_token(method.model.config, cfg.seq_len, model=method.model)
-        peak = peak_flops(accelerator.device)
+        peak = peak_flops(accelerator.device, bf16=cfg.precision == "bf16")
         self.peak_flops = peak * self.world if peak else None
-        """The devices' bf16 peak, all processes together (a table for CUDA, measured once for a CPU)."""
+        """The devices' peak in the training's precision, all processes together (a table for CUDA, measured once
+        for a CPU)."""
 
     sequences_per_step = property(lambda self: self.cfg.sequences_per_step)
     batch_tokens = property(lambda self: self.cfg.batch_tokens)

@@ -32,6 +32,7 @@ from graftlm.errors import GraftError
 from graftlm.evaluate.lens import token_languages_for_run
 from graftlm.evaluate.suite import Evaluator
 from graftlm.models import load_tokenizer, tokenizer_files
+from graftlm.precision import train_precision
 from graftlm.progress import log
 from graftlm.runs import RunDir, hash_files, read_json
 from graftlm.signals import graceful
@@ -81,11 +82,11 @@ class Resumed:
 def train(recipe, run: RunDir, key: str, fresh: bool = False, on_step_end=None) -> None:
     """Train to the end of the recipe's budget, resuming from the latest checkpoint unless `fresh`, and export
     runs/<name>/model/ with its marker (holding `key`)."""
-    cfg = recipe.train
-    accelerator = _accelerator(cfg)
+    accelerator = _accelerator(recipe.train)
+    cfg = recipe.train.model_copy(update={"precision": train_precision(recipe.train.precision, accelerator.device)})
     sources, data_key = open_packed(recipe, run)
     checkpoint = _checkpoint_to_resume(run, fresh, accelerator)
-    method = _load_method(recipe, run, checkpoint, accelerator)
+    method = _load_method(recipe, cfg, run, checkpoint, accelerator)
     sharding = prepare_sharding(method, cfg, accelerator)  # fsdp shards the model here, before the EMA copies it
     tokenizer = load_tokenizer(str(run.start_model), recipe.trust_remote_code)
     sampler = MixtureSampler(sources, recipe.mixture_weights(), cfg.seq_len, cfg.seed, recipe.mixture.repeat)
@@ -98,7 +99,8 @@ def train(recipe, run: RunDir, key: str, fresh: bool = False, on_step_end=None) 
     module = TrainModule(method, cfg, phases, accelerator, distiller, replay,
                          resumed.state.phase if resumed else None, resumed.optimizer if resumed else None, sharding)
     log(f"train: method {cfg.method}, {cfg.total_steps} steps of {cfg.batch_tokens:,} tokens in {len(phases)} "
-        f"phase(s), {accelerator.num_processes} process(es) ({cfg.distributed.strategy}) on {accelerator.device}")
+        f"phase(s), {accelerator.num_processes} process(es) ({cfg.distributed.strategy}) on {accelerator.device}, "
+        f"{cfg.precision}")
     export_ema = ema if ema is not None and cfg.ema.export else None
     evaluator = _evaluator(recipe, run, tokenizer) if accelerator.is_main_process else None
     accelerator.wait_for_everyone()  # metrics.jsonl is truncated to the checkpoint by now
@@ -140,9 +142,8 @@ def _accelerator(cfg):
     return accelerator
 
 
-def _load_method(recipe, run: RunDir, checkpoint: Path | None, accelerator) -> Method:
+def _load_method(recipe, cfg, run: RunDir, checkpoint: Path | None, accelerator) -> Method:
     """The start model (or the checkpoint's weights) prepared for `train.method`, on the device, in train mode."""
-    cfg = recipe.train
     torch.manual_seed(cfg.seed)  # before adapters are initialised; a resumed run restores its own random state
     method = Method.load(cfg, run.start_model, checkpoint, recipe.trust_remote_code)
     model = method.model.to(accelerator.device)  # before the EMA copies its weights

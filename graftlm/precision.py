@@ -1,0 +1,59 @@
+"""bfloat16 where this device computes it fast, float32 elsewhere: what `train.precision: auto` and
+`eval.dtype: auto` become.
+
+A CPU without bf16 instructions (AVX2 only: most laptops before 2023, many cloud machines) computes a bf16 matrix
+product through a slow fallback, about a hundred times slower than float32 (0.8 against 98 GFLOP/s measured on 2
+AVX2 cores); with AVX512-BF16 or AMX, bf16 is 2-3 times faster than float32. So the choice is measured, not guessed
+from the CPU's name: one small product in each precision (under a second on the slow path, milliseconds
+otherwise), once per process and device type. On CUDA: bf16 where the GPU supports it (Ampere and later).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+
+def train_precision(setting: str, device) -> str:
+    """`train.precision` as training applies it: "bf16" or "fp32"."""
+    if setting != "auto":
+        return setting
+    return "bf16" if fast_bf16(_device_type(device)) else "fp32"
+
+
+def eval_dtype(setting: str, device) -> str:
+    """`eval.dtype` as scoring applies it: "bfloat16" or "float32"."""
+    if setting != "auto":
+        return setting
+    return "bfloat16" if fast_bf16(_device_type(device)) else "float32"
+
+
+@functools.cache
+def fast_bf16(device_type: str = "cpu") -> bool:
+    """Whether bf16 autocast is the faster way to multiply matrices on this device type."""
+    import torch
+
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device_type != "cpu":
+        return False
+    return _seconds_per_product(bf16=True) <= _seconds_per_product(bf16=False)
+
+
+def _seconds_per_product(bf16: bool) -> float:
+    import torch
+
+    generator = torch.Generator().manual_seed(0)  # (the global generators, which training seeds, are left alone)
+    a, b = torch.randn(256, 512, generator=generator), torch.randn(512, 256, generator=generator)
+    best = float("inf")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        torch.matmul(a, b)  # kernel selection, page faults
+        for _ in range(3):
+            started = time.perf_counter()
+            torch.matmul(a, b)
+            best = min(best, time.perf_counter() - started)
+    return best
+
+
+def _device_type(device) -> str:
+    return device if isinstance(device, str) else device.type
