@@ -164,3 +164,92 @@ def test_an_exception_on_the_main_process_ends_every_process(prepared, tmp_path)
     assert done.returncode != 0
     assert "injected evaluation failure" in done.stderr
     assert [r["step"] for r in run.read_metrics() if "loss" in r] == [1, 2]  # it stopped at the failing evaluation
+
+
+# ---- eval.background: evaluations in a worker process ---------------------------------------------------------------
+
+SIB_DEV = f"{REPO}/data/eval/sib200/vie_Latn/dev.tsv"
+EVALUATED = [f"eval.text={{vi: '{SIB_DEV}'}}", f"eval.choice={{xcopa_vi: '{REPO}/data/eval/xcopa/vi/val.vi.jsonl'}}",
+             "eval.every=4", "eval.max_documents=3", "eval.max_items=4", f"eval.generate.prompts={{vi: '{SIB_DEV}'}}",
+             "eval.generate.n=2", "eval.generate.max_new_tokens=4"]
+
+
+def evaluations(run: RunDir) -> list[tuple[int, dict]]:
+    return [(r["step"], r["eval"]) for r in run.read_metrics() if "eval" in r]
+
+
+def test_background_evaluation_logs_what_the_foreground_does(prepared, tmp_path):
+    path, _, _ = prepared
+    runs = {}
+    for background in ("false", "true"):
+        recipe = load_recipe(path, [*EVALUATED, f"eval.background={background}"])
+        runs[background] = RunDir.for_recipe(recipe, tmp_path / f"background-{background}")
+        train(recipe, runs[background])
+    foreground, background = (evaluations(runs[b]) for b in ("false", "true"))
+    assert [step for step, _ in foreground] == [0, 4, 8, 12]
+    assert background == foreground  # the same numbers at the same steps, in step order
+    assert "generate" in background[0][1] and "generate" not in background[1][1]  # boundary only at the ends
+    assert losses(runs["true"]) == losses(runs["false"])
+    pending = runs["true"].inside("eval", "pending")
+    assert not list(pending.iterdir())  # every copy of the weights evaluated and removed
+
+
+SLOW_OR_FAILING_WORKER = """
+import os, time
+from graftlm.evaluate import suite
+real = suite.Evaluator.__call__
+
+def patched(self, model, *args, step=None, **kwargs):
+    if step == 4 and os.environ.get("GRAFT_TEST_FAIL"):
+        raise RuntimeError("injected evaluation failure")
+    while step == 4 and os.path.exists(os.environ.get("GRAFT_TEST_HOLD", "/nonexistent")):
+        time.sleep(0.05)
+    return real(self, model, *args, step=step, **kwargs)
+
+suite.Evaluator.__call__ = patched
+"""
+
+
+@pytest.fixture
+def patched_worker(tmp_path, monkeypatch):
+    """The worker process (spawned: it reads PYTHONPATH afresh) with Evaluator.__call__ patched at step 4."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(SLOW_OR_FAILING_WORKER)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(inject), str(REPO)]))
+    return monkeypatch
+
+
+def test_a_failing_background_evaluation_ends_the_run_in_one_line(prepared, patched_worker, capsys):
+    path, recipe, run = prepared
+    patched_worker.setenv("GRAFT_TEST_FAIL", "1")
+    code, _, err = run_graft(patched_worker, capsys, "train", str(path), *(a for o in EVALUATED for a in ("--set", o)),
+                             "--set", "eval.background=true", "--runs-dir", str(run.root.parent))
+    assert code != 0
+    message = f"eval.background: the evaluation of step 4 failed: RuntimeError: injected evaluation failure " \
+              f"(see {run.inside('eval', 'worker.log')})"
+    assert message in err
+    assert "injected evaluation failure" in run.inside("eval", "worker.log").read_text()  # the traceback is there
+    assert [step for step, _ in evaluations(run)] == [0]
+    assert not run.model.exists()
+
+
+def test_killed_with_a_background_evaluation_pending_the_resumed_run_logs_it(prepared, patched_worker, tmp_path):
+    path, recipe, run = prepared
+    overrides = [*EVALUATED, "eval.background=true"]
+    background = load_recipe(path, overrides)
+    uninterrupted = RunDir.for_recipe(background, tmp_path / "uninterrupted")
+    train(background, uninterrupted)
+
+    hold = tmp_path / "hold"
+    hold.touch()  # the worker waits at step 4 while this file exists
+    patched_worker.setenv("GRAFT_TEST_HOLD", str(hold))
+    killed_at = kill_training_mid_run(path, run, after_step=7, overrides=overrides)
+    assert 7 <= killed_at < 12
+    assert [step for step, _ in evaluations(run)] == [0]  # step 4's was pending
+    assert (run.inside("eval", "pending") / "step-000004").is_dir()
+
+    hold.unlink()
+    train(background, run)
+    assert evaluations(run) == evaluations(uninterrupted)
+    assert losses(run) == losses(uninterrupted)

@@ -169,6 +169,14 @@ class EvalConfig(Section):
     """Multiple-choice sets by name (`xcopa_vi: {path: eval/xcopa/vi/test.vi.jsonl, lang: vi}`), scored by accuracy."""
     every: int | None = Field(default=None, ge=1)
     """Optimizer steps between evaluations during training (besides before step 0 and at the end); null: only those."""
+    background: bool = False
+    """During training, evaluate in a second process on a saved copy of the weights, so that training does not wait
+    (graftlm/train/background.py); the results land in metrics.jsonl in step order as in the foreground, with the
+    same numbers. It costs a copy of the weights on disk (runs/<name>/eval/pending/) per waiting evaluation (two at
+    most: a third evaluation step waits) and a second process competing for the CPU or GPU (on a GPU, a second copy
+    of the model in its memory); it pays on GPUs and wherever an evaluation takes longer than the steps between
+    two. A run killed with evaluations pending resumes them. lora/layra: the worker evaluates the weights with the
+    adapters merged (equal up to rounding)."""
     max_documents: int | None = Field(default=100, ge=1)
     """During training, score only the first this many documents of each text set (null: all)."""
     max_items: int | None = Field(default=100, ge=1)

@@ -19,6 +19,7 @@ from graftlm.models import save_model
 from graftlm.progress import log, steps_progress
 from graftlm.runs import RunDir, atomic_dir
 from graftlm.signals import Stopped, requested, signal_name
+from graftlm.train.background import BackgroundEvaluations
 from graftlm.train.checkpoint import checkpoint_path, complete_checkpoints
 from graftlm.train.ema import EMA
 from graftlm.train.methods import ADAPTER_DIR, Method
@@ -98,17 +99,31 @@ class Evaluation(Callback):
     """The held-out sets before the first update, every `eval.every` steps and after the last (the stability-gap
     curve), on the main process; with an exported moving average, the average too, last. At the start and the end
     (`boundary`) everything runs (lm-eval tasks, generations, the logit lens); lm-eval's tasks also every
-    `eval.harness.every` steps."""
+    `eval.harness.every` steps.
 
-    def __init__(self, evaluator, every: list[int | None], evaluated_at: list[int], ema: EMA | None = None):
+    With `background` (eval.background, train/background.py) the main process only saves a copy of the weights at
+    those steps and a worker process evaluates it; finished results are logged at step ends in step order, the
+    pending ones waited for at the end (and before an error or a preemption ends the run)."""
+
+    def __init__(self, evaluator, every: list[int | None], evaluated_at: list[int], ema: EMA | None = None,
+                 background: BackgroundEvaluations | None = None):
         self.evaluator = evaluator
         self.every = [interval for interval in every if interval]
         self.evaluated_at = evaluated_at
         """Steps already evaluated (by an interrupted run, when resuming)."""
         self.ema = ema
         """Evaluated last when given: the exported model."""
+        self.background = background
+        """The worker's handle on the main process (None on the others, and in the foreground)."""
+
+    @property
+    def _wanted(self) -> bool:
+        return self.evaluator is not None or self.background is not None
 
     def on_fit_start(self, trainer: Trainer) -> None:
+        if self.background is not None:
+            requeued = self.background.start(trainer.state.step, self.evaluated_at)
+            self.evaluated_at[:] = sorted(set(self.evaluated_at) | set(requeued))
         if not self.evaluated_at:
             self._evaluate(trainer, boundary=True)  # the base, before any update
 
@@ -116,23 +131,47 @@ class Evaluation(Callback):
         last = trainer.state.step == trainer.total_steps  # the trained model: everything, as at the start
         if last or any(trainer.state.step % interval == 0 for interval in self.every):
             self._evaluate(trainer, boundary=last)
+        if self.background is not None:
+            self.background.collect(trainer.log)
 
     def on_fit_end(self, trainer: Trainer) -> None:
         if not self.evaluated_at or self.evaluated_at[-1] != trainer.state.step:
             self._evaluate(trainer, boundary=True)
         if self.ema is not None:
-            with self.ema.applied(), trainer.module.gathered(True, self.evaluator is not None) as method:
-                if self.evaluator is not None:
-                    trainer.log({"step": trainer.state.step, "tokens": trainer.state.tokens, "model": "ema",
-                                 "eval": self._results(trainer, method, boundary=True)})
+            with self.ema.applied(), trainer.module.gathered(self.background is None, self._wanted) as method:
+                if method is not None:
+                    self._hand_over(trainer, method, boundary=True, model="ema")
+        if self.background is not None:
+            self.background.collect(trainer.log, wait=True)
+
+    def on_close(self, trainer: Trainer) -> None:
+        """After an error or a preemption: the pending evaluations are logged first (unless the worker failed:
+        that error is already on its way); a second signal stops the wait."""
+        if self.background is None:
+            return
+        try:
+            if self.background.pending:
+                self.background.collect(trainer.log, wait=True)
+        except GraftError as e:
+            log(f"warning: {e}")
+        finally:
+            self.background.close()
 
     def _evaluate(self, trainer: Trainer, boundary: bool = False) -> None:
-        with trainer.module.gathered(True, self.evaluator is not None) as method:  # (every process takes part)
-            if self.evaluator is not None:
-                trainer.log({"step": trainer.state.step, "tokens": trainer.state.tokens,
-                             "eval": self._results(trainer, method, boundary)})
+        # every process takes part; the foreground evaluates on the device, the background saves from anywhere
+        with trainer.module.gathered(self.background is None, self._wanted) as method:
+            if method is not None:
+                self._hand_over(trainer, method, boundary)
         self.evaluated_at.append(trainer.state.step)
         trainer.group.wait_for_everyone()
+
+    def _hand_over(self, trainer: Trainer, method: Method, boundary: bool, model: str | None = None) -> None:
+        """Evaluate `method`'s model now, or hand a copy of its weights to the worker."""
+        record = {"step": trainer.state.step, "tokens": trainer.state.tokens, **({"model": model} if model else {})}
+        if self.background is not None:
+            self.background.submit(method.export_model(), record, boundary, trainer.log)
+        else:
+            trainer.log({**record, "eval": self._results(trainer, method, boundary)})
 
     def _results(self, trainer: Trainer, method: Method, boundary: bool) -> dict:
         return self.evaluator(method.model, progress=trainer.progress, step=trainer.state.step, boundary=boundary)

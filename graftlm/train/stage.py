@@ -19,6 +19,7 @@ exported.
 
 from __future__ import annotations
 
+import functools
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from graftlm.signals import graceful
 from graftlm.stage import Stage
 from graftlm.train.callbacks import (Checkpointer, DivergenceGuard, Evaluation, Export, MetricsFile,
                                      MovingAverage, Preemption, ProgressBar, StepHook)
+from graftlm.train.background import BackgroundEvaluations
 from graftlm.train.checkpoint import check_resumable, latest_valid_checkpoint
 from graftlm.train.distill import Distiller
 from graftlm.train.ema import EMA
@@ -102,14 +104,20 @@ def train(recipe, run: RunDir, key: str, fresh: bool = False, on_step_end=None) 
         f"phase(s), {accelerator.num_processes} process(es) ({cfg.distributed.strategy}) on {accelerator.device}, "
         f"{cfg.precision}")
     export_ema = ema if ema is not None and cfg.ema.export else None
-    evaluator = _evaluator(recipe, run, tokenizer) if accelerator.is_main_process else None
+    evaluator = background = None
+    if accelerator.is_main_process and recipe.eval.background and recipe.eval.names_anything:
+        background = BackgroundEvaluations(run, functools.partial(_evaluator, recipe, run, tokenizer), cfg,
+                                           recipe.trust_remote_code, accelerator.device)  # the worker builds it
+    elif accelerator.is_main_process:
+        evaluator = _evaluator(recipe, run, tokenizer)
     accelerator.wait_for_everyone()  # metrics.jsonl is truncated to the checkpoint by now
     evaluated_at = [r["step"] for r in run.read_metrics() if "eval" in r]
     checkpointer = Checkpointer(run, cfg.checkpoint_every, cfg.keep_checkpoints, tokenizer, recipe_dump, data_key, ema)
     callbacks = [*([MovingAverage(ema)] if ema is not None else []), MetricsFile(run),
                  Trackers(recipe.report.trackers, run.trackers, recipe.name, recipe_dump), ProgressBar(),
                  DivergenceGuard(cfg.max_bad_steps, run),
-                 Evaluation(evaluator, [recipe.eval.every, recipe.eval.harness.every], evaluated_at, export_ema),
+                 Evaluation(evaluator, [recipe.eval.every, recipe.eval.harness.every], evaluated_at, export_ema,
+                            background),
                  checkpointer, Preemption(checkpointer), Export(run, key, tokenizer, export_ema),
                  *([StepHook(on_step_end)] if on_step_end is not None else [])]
     try:
