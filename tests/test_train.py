@@ -246,7 +246,7 @@ def test_killed_with_a_background_evaluation_pending_the_resumed_run_logs_it(pre
     patched_worker.setenv("GRAFT_TEST_HOLD", str(hold))
     killed_at = kill_training_mid_run(path, run, after_step=7, overrides=overrides)
     assert 7 <= killed_at < 12
-    assert [step for step, _ in evaluations(run)] == [0]  # step 4's was pending
+    assert [step for step, _ in evaluations(run)] in ([], [0])  # step 4's was pending (step 0's may be too)
     assert (run.inside("eval", "pending") / "step-000004").is_dir()
 
     hold.unlink()
