@@ -85,7 +85,7 @@ def train(recipe, run: RunDir, key: str, fresh: bool = False, on_step_end=None) 
     """Train to the end of the recipe's budget, resuming from the latest checkpoint unless `fresh`, and export
     runs/<name>/model/ with its marker (holding `key`)."""
     accelerator = _accelerator(recipe.train)
-    cfg = recipe.train.model_copy(update={"precision": train_precision(recipe.train.precision, accelerator.device)})
+    cfg = recipe.train.model_copy(update={"precision": _precision(recipe.train.precision, accelerator)})
     sources, data_key = open_packed(recipe, run)
     checkpoint = _checkpoint_to_resume(run, fresh, accelerator)
     method = _load_method(recipe, cfg, run, checkpoint, accelerator)
@@ -148,6 +148,14 @@ def _accelerator(cfg):
         raise GraftError(f"train.batch_tokens: {cfg.sequences_per_step} sequences per step do not split evenly "
                          f"over {accelerator.num_processes} processes")
     return accelerator
+
+
+def _precision(setting: str, accelerator) -> str:
+    """`train.precision` as this run applies it; every process takes the main process's (auto is measured)."""
+    from accelerate.utils import broadcast_object_list
+
+    precision = [train_precision(setting, accelerator.device)]
+    return broadcast_object_list(precision)[0] if accelerator.num_processes > 1 else precision[0]
 
 
 def _load_method(recipe, cfg, run: RunDir, checkpoint: Path | None, accelerator) -> Method:
