@@ -442,3 +442,17 @@ def test_the_trained_model_gets_the_boundary_evaluation_when_the_last_step_is_an
     callback.on_fit_end(trainer)
     assert calls == [(0, True), (2, False), (4, True)]
     assert [r["step"] for r in logged] == [0, 2, 4]
+
+
+def test_a_continuation_cut_inside_a_character_drops_the_piece(tiny):
+    from graftlm.curate.config import LanguageIdConfig
+    from graftlm.curate.langid import make_identifier
+    from graftlm.evaluate.generate import Prompt, PromptSet, language_rates
+
+    tokenizer = tiny[1]
+    ids = tokenizer(" chúng tôi được", add_special_tokens=False)["input_ids"]
+    cut = ids[:-2]  # byte-level pieces: the budget ended inside "ợ"
+    assert tokenizer.decode(cut).endswith("\ufffd")
+    rates = language_rates(PromptSet("vi", "p.txt", [Prompt(1, "Hôm qua", [])]), [cut], tokenizer,
+                           make_identifier(LanguageIdConfig()))
+    assert rates["samples"][0]["continuation"] == " chúng tôi đư"

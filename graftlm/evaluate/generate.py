@@ -161,7 +161,8 @@ def language_rates(prompt_set: PromptSet, generated: list[list[int]], tokenizer:
     lang = normalize_language(prompt_set.lang)
     samples = []
     for prompt, ids in zip(prompt_set.prompts, generated):
-        text = tokenizer.decode(ids, skip_special_tokens=True)
+        # the token budget can end inside a character that byte-level tokens spell in pieces: drop that part
+        text = tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
         per_sentence = [language(s) for s in sentences(text)]
         samples.append({"line": prompt.line, "prompt": prompt.text, "continuation": text, "language": language(text),
                         "sentence_languages": [code for code in per_sentence if code != UNKNOWN]})
