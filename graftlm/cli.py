@@ -243,13 +243,33 @@ def main() -> None:
         app()
     except Stopped as e:  # a scheduler's SIGTERM, Ctrl-C: not an error, and the same command continues
         _fail(str(e), e.exit_code, "[bold yellow]stopped:[/]")
-    except GraftError as e:
-        _fail(str(e), e.exit_code)
-    except OSError as e:  # the machine, not the recipe: a read-only folder, a full disk, a permission
-        _fail(describe_os_error(e), 1)
+    except Exception as e:
+        stopped = _stopped_behind(e)
+        if stopped is not None:
+            _fail(str(stopped), stopped.exit_code, "[bold yellow]stopped:[/]")
+        if isinstance(e, GraftError):
+            _fail(str(e), e.exit_code)
+        if isinstance(e, OSError):  # the machine, not the recipe: a read-only folder, a full disk, a permission
+            _fail(describe_os_error(e), 1)
+        raise
     except KeyboardInterrupt:
         console.print("interrupted")
         sys.exit(130)
+
+
+def _stopped_behind(e: BaseException):
+    """The `Stopped` that an error replaced while the stop unwound, if any: a library's clean-up that fails because
+    the signal also ended its helper processes (datatrove's `finally` talks to a manager process that SIGTERM
+    ended, and raises ConnectionResetError instead)."""
+    from graftlm.signals import Stopped
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, Stopped):
+            return e
+        seen.add(id(e))
+        e = e.__context__
+    return None
 
 
 def _fail(message: str, code: int, label: str = "[bold red]error:[/]") -> None:

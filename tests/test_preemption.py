@@ -171,6 +171,25 @@ def test_a_signal_stops_at_once_outside_training_and_is_noted_inside():
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
 
 
+def test_a_stop_that_a_library_s_clean_up_turns_into_an_error_is_still_a_stop(tmp_path, tiny_model_dir, monkeypatch,
+                                                                            capsys):
+    """datatrove's local executor frees its rank in a `finally` through a manager process that the same SIGTERM
+    (sent to the process group) ended: its ConnectionResetError replaces the Stopped, which must still win."""
+    from graftlm.base.stage import Base
+
+    def run(self, unit, key):
+        try:
+            _signal_self(signal.SIGTERM)
+        finally:
+            raise ConnectionResetError(104, "Connection reset by peer")
+
+    monkeypatch.setattr(Base, "run", run)
+    path = write_tiny_recipe(tmp_path, tiny_model_dir, TRAIN)
+    code, _, err = run_graft(monkeypatch, capsys, "prepare", str(path), "--runs-dir", str(tmp_path / "runs"))
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 143 and len(lines) == 1 and lines[0].startswith("stopped: stopped by SIGTERM"), err
+
+
 # ---- preemption in training ----------------------------------------------------------------------------------
 
 @pytest.fixture
