@@ -211,6 +211,7 @@ def prepared(tmp_path, recipe_path):
 
 def test_signals_in_training_checkpoint_and_resume_exactly(prepared):
     _, recipe, run, reference = prepared
+    before = signal.getsignal(signal.SIGTERM)  # (SIG_DFL, unless an earlier test's ray.init left its own)
 
     def signal_at(step_signals: dict[int, list[int]]):
         return lambda step: [os.kill(os.getpid(), s) for s in step_signals.get(step, [])]
@@ -232,7 +233,7 @@ def test_signals_in_training_checkpoint_and_resume_exactly(prepared):
     train(recipe, run)
     assert losses(run) == losses(reference)  # bit-identical floats at every step
     assert same_weights(run.model, reference.model)
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) is before  # put back
 
 
 SLOW_STEPS = """
