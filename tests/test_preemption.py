@@ -27,7 +27,7 @@ from graftlm.pipeline import run_stages
 from graftlm.recipe import load_recipe
 from graftlm.runs import RunDir, RunLocked, hold_run
 from graftlm.signals import Stopped, graceful, requested, stop_if_requested, stop_on_signals
-from graftlm.train.checkpoint import checkpoint_problem
+from graftlm.train.checkpoint import checkpoint_problem, is_preemption
 
 TRAIN = ("seq_len: 32, batch_tokens: 256, max_steps: 12, lr: 1.0e-3, checkpoint_every: 3, keep_checkpoints: 2, "
          "micro_batch_size: 3")
@@ -230,8 +230,21 @@ def test_signals_in_training_checkpoint_and_resume_exactly(prepared):
     with pytest.raises(Stopped) as e:
         train(recipe, run, on_step_end=signal_at({7: [signal.SIGTERM]}))
     assert e.value.exit_code == 143 and "step-000008" in str(e.value)
+    # after the last periodic checkpoint (9): off the schedule, not kept or averaged in place of a periodic one
+    with pytest.raises(Stopped) as e:
+        train(recipe, run, on_step_end=signal_at({9: [signal.SIGTERM]}))
+    assert "step-000010" in str(e.value) and is_preemption(run.checkpoints / "step-000010")
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["step-000006", "step-000009", "step-000010"]
+    # at the last step: the final checkpoint itself (keep_checkpoints: 2 keeps 9 and 12, as an uninterrupted run does)
+    with pytest.raises(Stopped) as e:
+        train(recipe, run, on_step_end=signal_at({11: [signal.SIGTERM]}))
+    assert "step-000012" in str(e.value) and not is_preemption(run.checkpoints / "step-000012")
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["step-000009", "step-000012"]
     train(recipe, run)
     assert losses(run) == losses(reference)  # bit-identical floats at every step
+    kept = sorted(p.name for p in run.checkpoints.iterdir())
+    assert kept == sorted(p.name for p in reference.checkpoints.iterdir()) == ["step-000009", "step-000012"]
+    assert not any(is_preemption(p) for p in run.checkpoints.iterdir())
     assert same_weights(run.model, reference.model)
     assert signal.getsignal(signal.SIGTERM) is before  # put back
 

@@ -200,7 +200,7 @@ class Checkpointer(Callback):
         if not saved_steps or saved_steps[-1] != trainer.state.step:  # (a run resumed from its final checkpoint)
             self.save(trainer)
 
-    def save(self, trainer: Trainer) -> None:
+    def save(self, trainer: Trainer, preemption: bool = False) -> None:
         trainer.group.wait_for_everyone()
         self.saved_step = trainer.state.step
         state, module = trainer.state, trainer.module
@@ -208,7 +208,8 @@ class Checkpointer(Callback):
         with module.gathered() as method:  # None on the other processes
             module.sharding.save_checkpoint(
                 self.run, state.step, method, self.tokenizer, module.optimizer,
-                {"state": asdict(state), "recipe": self.recipe_dump, "data": self.data_key}, self.keep, self.ema,
+                {"state": asdict(state), "recipe": self.recipe_dump, "data": self.data_key, "preemption": preemption},
+                self.keep, self.ema,
                 write_more=lambda folder: self._save_more(folder, method))
 
     @staticmethod
@@ -235,8 +236,8 @@ class Preemption(Callback):
         if not signum:
             return
         step = trainer.state.step
-        if self.checkpointer.saved_step != step:
-            self.checkpointer.save(trainer)
+        if self.checkpointer.saved_step != step:  # the last step's checkpoint is the scheduled final one
+            self.checkpointer.save(trainer, preemption=step < trainer.total_steps)
         trainer.group.wait_for_everyone()  # no process exits while the main one writes (a launcher would kill it)
         raise Stopped(signum, f"train: stopped by {signal_name(signum)} after step {step} of {trainer.total_steps}; "
                               f"checkpoint {checkpoint_path(self.checkpointer.run, step)}; the same command resumes "

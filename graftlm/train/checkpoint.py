@@ -17,6 +17,10 @@ only complete checkpoints behind. A checkpoint damaged afterwards (a file trunca
 proves it by not matching its manifest: `complete_checkpoints` compares sizes (a stat per file),
 `latest_valid_checkpoint` also the hashes (about 0.1 s per 500 MB from the page cache); a checkpoint that fails is
 reported in one line and moved aside to runs/<name>/corrupt/, and training resumes from the newest one that holds.
+
+A checkpoint written because of a signal (trainer_state.json `"preemption": true`) is off the schedule: it is there
+to resume from, so it does not count among the `train.keep_checkpoints` kept, is removed once a newer one is written,
+and is not averaged by `merge.average_last` (a preempted run keeps and averages what an uninterrupted one does).
 """
 
 from __future__ import annotations
@@ -186,9 +190,26 @@ def save_checkpoint(run: RunDir, step: int, model, tokenizer, optimizer: torch.o
             torch.save({"optimizer": optimizer.state_dict(), **rng_states()}, tmp / "training_state.pt")
         write_json_atomic(tmp / "trainer_state.json", trainer_state)
         write_manifest(tmp)
-    for _, old in complete_checkpoints(run)[:-keep]:
+    for old in _stale(complete_checkpoints(run), keep):
         shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def is_preemption(folder: Path) -> bool:
+    return bool(read_json(folder / "trainer_state.json").get("preemption"))
+
+
+def scheduled(checkpoints: list[tuple[int, Path]]) -> list[tuple[int, Path]]:
+    """The checkpoints written on schedule (every `train.checkpoint_every` steps and at the end)."""
+    return [(step, folder) for step, folder in checkpoints if not is_preemption(folder)]
+
+
+def _stale(checkpoints: list[tuple[int, Path]], keep: int) -> list[Path]:
+    """What rotation removes: the scheduled checkpoints beyond the newest `keep`, and a preemption checkpoint once
+    a newer checkpoint exists."""
+    newest = checkpoints[-1][1] if checkpoints else None
+    return ([folder for _, folder in scheduled(checkpoints)[:-keep]]
+            + [folder for _, folder in checkpoints if folder != newest and is_preemption(folder)])
 
 
 def _checkpoint_bytes(run: RunDir, model) -> tuple[int, bool]:
