@@ -178,3 +178,19 @@ def test_a_pilot_measured_with_other_evaluations_is_trained_again(planned, tmp_p
 
     assert _measured_otherwise(validate_recipe(data), pilot)
     assert not _measured_otherwise(recipe, RunDir(tmp_path / "never-trained"))
+
+
+def test_pilots_evaluate_only_bits_per_byte(tmp_path, tiny_model_dir):
+    """The laws fit bits per byte: a pilot skips the recipe's generations, logit lens and harness tasks (each a
+    cost at the start and the end of every pilot)."""
+    from graftlm.plan.pilots import pilot_recipe, pilot_variants
+
+    vi = f"{DATA}/eval/sib200/vie_Latn/test.tsv"
+    path = plan_recipe(tmp_path, tiny_model_dir)
+    recipe = load_recipe(path, [f"eval.generate.prompts={{vi: '{vi}'}}", f"eval.lens.text={{vi: '{vi}'}}",
+                                f"eval.harness.tasks=['bpb:vi={vi}']"])
+    assert recipe.eval.generate.prompts and recipe.eval.lens.text and recipe.eval.harness.tasks
+    for pilot in pilot_variants(recipe):
+        evaluation = pilot_recipe(recipe, pilot).eval
+        assert evaluation.text == recipe.eval.text and evaluation.choice == {}
+        assert not evaluation.generate.prompts and not evaluation.lens.text and not evaluation.harness.tasks
