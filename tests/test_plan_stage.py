@@ -194,3 +194,24 @@ def test_pilots_evaluate_only_bits_per_byte(tmp_path, tiny_model_dir):
         evaluation = pilot_recipe(recipe, pilot).eval
         assert evaluation.text == recipe.eval.text and evaluation.choice == {}
         assert not evaluation.generate.prompts and not evaluation.lens.text and not evaluation.harness.tasks
+
+
+def test_points_inside_the_warmup_are_not_fitted(planned, tmp_path):
+    """`plan.fit_after_tokens` (default: the pilots' warmup) leaves the first points out of the fit; the start
+    model's points still give the base bpb. Refitting needs no new pilot (the key is not a pilot's)."""
+    from graftlm.errors import RecipeError
+    from graftlm.plan.run import run_plan
+
+    path, runs, run, _ = planned
+    everything = read_json(run.plan / "plan.json")
+    # 3 pilots of 8 steps, each evaluated (no warmup: train.schedule's 5 % of 8 steps is none)
+    assert everything["fit"]["points"] == {"vi": 24, "en": 24}
+    folder = tmp_path / "refit"
+    folder.mkdir()
+    (folder / "pilots").symlink_to(run.plan / "pilots")
+    untrained = []
+    later = run_plan(load_recipe(path, ["plan.fit_after_tokens=128"]), folder, lambda *a: untrained.append(a))
+    assert later["fit"]["points"] == {"vi": 18, "en": 18}  # steps 1 and 2 (64 and 128 tokens) left out
+    assert later["base_bpb"] == everything["base_bpb"] and len(untrained) == 4  # (each pilot offered, none trained)
+    with pytest.raises(RecipeError, match="plan.fit_after_tokens: 512 tokens leave no point"):
+        load_recipe(path, ["plan.fit_after_tokens=512"])

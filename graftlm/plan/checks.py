@@ -62,6 +62,9 @@ def check_plan(recipe: "Recipe") -> PlanConfig:
     if pilot_warmup(recipe) >= steps:
         raise RecipeError(f"plan.warmup_steps: {pilot_warmup(recipe)} warmup steps leave no constant learning rate "
                           f"in a pilot of {steps} steps")
+    if fit_after_tokens(recipe) >= plan.pilot_tokens:
+        raise RecipeError(f"plan.fit_after_tokens: {fit_after_tokens(recipe):,} tokens leave no point of a pilot of "
+                          f"{plan.pilot_tokens:,} tokens to fit")
     for ratio in [*plan.ratios, *([plan.validation.ratio] if plan.validation else [])]:
         pilot_weights(recipe, ratio)
     return plan
@@ -77,6 +80,14 @@ def pilot_warmup(recipe: "Recipe") -> int:
     if plan.warmup_steps is not None:
         return plan.warmup_steps
     return recipe.train.schedule.warmup(pilot_steps(recipe, plan.pilot_tokens))
+
+
+def fit_after_tokens(recipe: "Recipe") -> int:
+    """The tokens after which a pilot's points are fitted: `plan.fit_after_tokens`, else the warmup's."""
+    plan = plan_of(recipe)
+    if plan.fit_after_tokens is not None:
+        return plan.fit_after_tokens
+    return pilot_warmup(recipe) * recipe.train.batch_tokens
 
 
 def eval_every(recipe: "Recipe") -> int:

@@ -94,6 +94,11 @@ class PlanConfig(Section):
     warmup_steps: int | None = Field(default=None, ge=0)
     """The pilots' linear warmup before the constant learning rate; the same in every pilot, so that a prefix of a
     longer pilot is what a shorter one gives. Default: `train.schedule`'s warmup over a pilot's steps."""
+    fit_after_tokens: int | None = Field(default=None, ge=0)
+    """Only the points measured after more than this many tokens are fitted (the start model's still gives the
+    base bpb). Default: the pilots' warmup, while the learning rate still rises: the laws describe training at a
+    constant rate, and the first steps of continued pre-training (an instruct model meeting plain text, the
+    stability gap) jump and bounce in ways no power law of the tokens follows."""
     checkpoint_every: int | None = Field(default=None, ge=1)
     """Steps between a pilot's checkpoints, from which an interrupted pilot resumes. Default: a quarter of a fitted
     pilot's steps."""

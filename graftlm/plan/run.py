@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from graftlm.plan.checks import fit_after_tokens
 from graftlm.plan.choose import make_plan
 from graftlm.plan.pilots import pilot_recipe, pilot_variants, read_points
 from graftlm.plan.report import write_plan
@@ -34,7 +35,9 @@ def run_plan(recipe: Recipe, folder: str | os.PathLike, train_pilot: Callable[[R
         log(f"plan: pilot {i + 1}/{len(pilots)}: {pilot.name} ({pilot.tokens:,} tokens, mixture "
             f"{', '.join(f'{n} {w:g}' for n, w in pilot.weights.items())})")
         train_pilot(pilot_recipe(recipe, pilot), pilot_dir(folder, pilot.name))
-    fitted = [p for pilot in pilots if not pilot.validation for p in read_points(pilot_dir(folder, pilot.name), pilot)]
+    after = fit_after_tokens(recipe)
+    fitted = [p for pilot in pilots if not pilot.validation for p in read_points(pilot_dir(folder, pilot.name), pilot)
+              if p.tokens == 0 or p.tokens > after]
     validation = [p for pilot in pilots if pilot.validation for p in read_points(pilot_dir(folder, pilot.name), pilot)]
     plan = make_plan(recipe.plan, fitted, recipe.target_language, validation or None)
     return write_plan(folder, recipe, plan, fitted, validation, key)
