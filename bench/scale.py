@@ -9,9 +9,10 @@ processes  `graft train` of SmolLM2-135M (the bundled base, full training, bf16 
            processes under `accelerate launch --multi_gpu --num_processes 2` (gloo on a CPU), the same global
            batch, with DDP and with FSDP (`train.distributed.strategy: fsdp`); each process's peak memory (RSS on a
            CPU with glibc's mmap threshold fixed (see run_graft), torch's allocation on a GPU) and the run's
-           tokens/s over the steps after the first. The memory per process must fall with FSDP at 2 processes. The peak includes loading the whole model in every process
-           before it is sharded, and on the main process the whole model gathered for the final checkpoint and
-           the export. On a CPU each process gets --cpu-threads threads (default 1: a process per core, as a
+           tokens/s over the steps after the first. The memory per process must fall with FSDP at 2 processes. Two
+           peaks: while training (each rank's peak RSS at the last step, from metrics.jsonl), which includes
+           loading the whole model in every process before it is sharded; and the process's whole life, which on
+           the main process adds the whole model gathered for the final checkpoint and the export. On a CPU each process gets --cpu-threads threads (default 1: a process per core, as a
            process per GPU; OpenMP threads sharing busy cores slow down out of proportion).
 mfu        per model of the SmolLM2 family (the bundled 135M, and a 1.7B config in random init), `graft train` and
            the Hugging Face Trainer on the same packed sequences and batch: tokens/s, MFU against the device's bf16
@@ -164,7 +165,8 @@ def recipe_args(base_model: str, steps: int, batch_tokens: int, micro: int, seq_
                 extra: list[str] = ()) -> list[str]:
     settings = ["name=scale", "curate=null", "vocab=null", "mixture={vi: 1.0}", f"base_model={base_model}",
                 f"train.max_steps={steps}", f"train.batch_tokens={batch_tokens}", f"train.micro_batch_size={micro}",
-                f"train.seq_len={seq_len}", "train.checkpoint_every=0", "eval.text={}", "eval.choice={}", *extra]
+                f"train.seq_len={seq_len}", "train.checkpoint_every=0", "eval.text={}", "eval.choice={}",
+                "eval.generate={}", "eval.lens={}", *extra]  # training alone: no evaluation of any kind
     return [str(RECIPE), *[arg for setting in settings for arg in ("--set", setting)]]
 
 
@@ -206,6 +208,8 @@ def random_base(name: str, folder: Path, device: str) -> Path:
 
 
 def section_processes(args, work: Path, budget: Budget) -> list[dict]:
+    from graftlm.runs import RunDir
+
     batch = dict(steps=args.steps, batch_tokens=args.cpu_batch_tokens, micro=args.cpu_micro_batch,
                  seq_len=args.cpu_seq_len)
     runs = work / "processes"
@@ -223,7 +227,9 @@ def section_processes(args, work: Path, budget: Budget) -> list[dict]:
             rows.append({**row, "measured": False})
             continue
         rates = train_rates(run_root)
+        steps = [r for r in RunDir(run_root).read_metrics() if "loss" in r]  # memory_gib: each rank's peak so far
         rows.append({**row, "measured": True, "tokens_per_s": mean(rates),
+                     "training_memory_gib_per_process": steps[-1].get("memory_gib"),
                      "peak_memory_gib_per_process": [round(r["peak_memory_bytes"] / GIB, 3) for r in ranks]})
     return rows
 
@@ -328,8 +334,10 @@ def print_rows(rows: list[dict]) -> None:
             print(f"{row['section']:9s} {row['model']:13s} {_what(row)}: not measured (time limit)")
         elif row["section"] == "processes":
             memory = ", ".join(f"{m:.2f}" for m in row["peak_memory_gib_per_process"])
+            training = ", ".join(f"{m:.2f}" for m in row.get("training_memory_gib_per_process") or [])
             print(f"processes {row['model']:13s} {_what(row)} ({row['threads_per_process']} thread(s) each): "
-                  f"{row['tokens_per_s']:8.1f} tok/s   peak memory per process {memory} GiB")
+                  f"{row['tokens_per_s']:8.1f} tok/s   peak memory per process {training} GiB while training, "
+                  f"{memory} GiB with the export")
         elif row["section"] == "mfu":
             mfu = (lambda v: f"{v:6.1%}" if v is not None else "   n/a")
             print(f"mfu       {row['model']:13s} seq {row['seq_len']}, {row['batch_tokens']} tok/step, micro "
