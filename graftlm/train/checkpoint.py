@@ -196,7 +196,10 @@ def save_checkpoint(run: RunDir, step: int, model, tokenizer, optimizer: torch.o
 
 
 def is_preemption(folder: Path) -> bool:
-    return bool(read_json(folder / "trainer_state.json").get("preemption"))
+    try:
+        return bool(read_json(folder / "trainer_state.json").get("preemption"))
+    except (OSError, ValueError, AttributeError):  # damaged: resuming will say so and move it aside
+        return False
 
 
 def scheduled(checkpoints: list[tuple[int, Path]]) -> list[tuple[int, Path]]:
