@@ -1,7 +1,7 @@
 """Which embedding rows learned: how far training moved the rows a vocabulary extension added, beside the base's
 own rows, grouped by how often the target text uses each token.
 
-    .venv/bin/python bench/vocab_rows.py RUN_DIR [RUN_DIR ...] [--source vi]
+    .venv/bin/python bench/vocab_rows.py RUN_DIR [RUN_DIR ...] [--source NAME]
 
 For each run directory (a `graft run` or a `graft compare` variant that trained from a vocabulary-extended model):
 the start model (`vocab/model/`) against the trained one (`model/`), per weight (the input embeddings, and the
@@ -57,13 +57,21 @@ def moved(start: Path, end: Path, counts: np.ndarray, first_new: int, new_rows: 
     return rows
 
 
+def target_source(run) -> str:
+    from graftlm.recipe import load_recipe
+
+    recipe = load_recipe(run.root / "recipe.yaml")
+    return next(name for name in recipe.sources if recipe.language_of(name) == recipe.target_language)
+
+
 def main() -> None:
     from graftlm.runs import RunDir
     from graftlm.vocab.init import vocab_rows
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path)
-    parser.add_argument("--source", default="vi", help="the packed target source whose token counts group the rows")
+    parser.add_argument("--source", help="the packed source whose token counts group the rows (default: the run's "
+                                         "first source in its target language)")
     args = parser.parse_args()
     for root in args.runs:
         run = RunDir(root)
@@ -71,7 +79,7 @@ def main() -> None:
         if added is None:
             print(f"{root}: not trained from a vocabulary-extended model")
             continue
-        counts = token_counts(run.packed / args.source, added.rows)
+        counts = token_counts(run.packed / (args.source or target_source(run)), added.rows)
         print(f"\n{root}: {added.new_tokens:,} new rows; distance moved / mean base-row norm")
         print(f"{'weight':<14}{'rows':<6}{'occurrences':>12}{'tokens':>8}{'moved':>9}")
         for r in moved(run.vocab / "model", run.model, counts, added.first_new, added.new_rows):
