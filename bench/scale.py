@@ -12,7 +12,8 @@ processes  `graft train` of SmolLM2-135M (the bundled base, full training, bf16 
            tokens/s over the steps after the first. The memory per process must fall with FSDP at 2 processes. Two
            peaks: while training (each rank's peak RSS at the last step, from metrics.jsonl), which includes
            loading the whole model in every process before it is sharded; and the process's whole life, which on
-           the main process adds the whole model gathered for the final checkpoint and the export. On a CPU each process gets --cpu-threads threads (default 1: a process per core, as a
+           the main process adds the whole model gathered for the final checkpoint and the export. On a CPU each
+           process gets --cpu-threads threads (default 1: a process per core, as a
            process per GPU; OpenMP threads sharing busy cores slow down out of proportion).
 mfu        per model of the SmolLM2 family (the bundled 135M, and a 1.7B config in random init), `graft train` and
            the Hugging Face Trainer on the same packed sequences and batch: tokens/s, MFU against the device's bf16

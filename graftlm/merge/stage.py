@@ -26,7 +26,7 @@ from graftlm.progress import log
 from graftlm.recipe import Recipe
 from graftlm.runs import RunDir
 from graftlm.stage import Stage
-from graftlm.train.checkpoint import complete_checkpoints, scheduled
+from graftlm.train.checkpoint import complete_checkpoints
 
 Weights = dict[str, torch.Tensor]
 MERGED = "merged"
@@ -145,7 +145,7 @@ def _trained_folders(run: RunDir, count: int, final_step: int) -> list[Path]:
     """The model folders to average, oldest first: the last `count` checkpoints, or the exported model alone."""
     if count == 1:
         return [run.model]
-    checkpoints = [folder for step, folder in scheduled(complete_checkpoints(run)) if step <= final_step][-count:]
+    checkpoints = [folder for step, folder in complete_checkpoints(run) if step <= final_step][-count:]
     if len(checkpoints) < count:
         raise GraftError(f"merge.average_last: {count} checkpoints asked for, {len(checkpoints)} kept in "
                          f"{run.checkpoints} (train.keep_checkpoints, train.checkpoint_every)")

@@ -62,8 +62,8 @@ def check_plan(recipe: "Recipe") -> PlanConfig:
     if pilot_warmup(recipe) >= steps:
         raise RecipeError(f"plan.warmup_steps: {pilot_warmup(recipe)} warmup steps leave no constant learning rate "
                           f"in a pilot of {steps} steps")
-    if fit_after_tokens(recipe) >= plan.pilot_tokens:
-        raise RecipeError(f"plan.fit_after_tokens: {fit_after_tokens(recipe):,} tokens leave no point of a pilot of "
+    if (after := fit_after_tokens(recipe)) >= plan.pilot_tokens:
+        raise RecipeError(f"plan.fit_after_tokens: {after:,} tokens leave no point of a pilot of "
                           f"{plan.pilot_tokens:,} tokens to fit")
     for ratio in [*plan.ratios, *([plan.validation.ratio] if plan.validation else [])]:
         pilot_weights(recipe, ratio)

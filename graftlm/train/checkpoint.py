@@ -202,17 +202,13 @@ def is_preemption(folder: Path) -> bool:
         return False
 
 
-def scheduled(checkpoints: list[tuple[int, Path]]) -> list[tuple[int, Path]]:
-    """The checkpoints written on schedule (every `train.checkpoint_every` steps and at the end)."""
-    return [(step, folder) for step, folder in checkpoints if not is_preemption(folder)]
-
-
 def _stale(checkpoints: list[tuple[int, Path]], keep: int) -> list[Path]:
     """What rotation removes: the scheduled checkpoints beyond the newest `keep`, and a preemption checkpoint once
-    a newer checkpoint exists."""
-    newest = checkpoints[-1][1] if checkpoints else None
-    return ([folder for _, folder in scheduled(checkpoints)[:-keep]]
-            + [folder for _, folder in checkpoints if folder != newest and is_preemption(folder)])
+    a newer checkpoint exists (so a finished run has none left for `merge.average_last` to average)."""
+    folders = [folder for _, folder in checkpoints]
+    preempted = {folder for folder in folders if is_preemption(folder)}
+    scheduled = [folder for folder in folders if folder not in preempted]
+    return scheduled[:-keep] + [folder for folder in folders[:-1] if folder in preempted]
 
 
 def _checkpoint_bytes(run: RunDir, model) -> tuple[int, bool]:
