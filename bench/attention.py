@@ -5,7 +5,8 @@ length, on SmolLM2-135M's attention shape (9 query heads, 3 key/value heads, hea
         [--batch 2] [--rounds 3]
 
 Each kernel runs through the function the switch installs (graftlm/train/speed.py: transformers' SDPA function on
-one SDPA kernel, or transformers' eager attention), causal, without a padding mask, as in training. Rounds are
+one SDPA kernel, transformers' eager attention, graftlm's matmul attention; `auto`: what it becomes for that dtype and
+length), causal, without a padding mask, as in training. Rounds are
 interleaved, so a busy machine disturbs every kernel alike; the best round is shown, and its ratio to `auto`.
 """
 
@@ -20,18 +21,22 @@ HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 
 
 def kernels(device: str) -> list[str]:
-    return ["auto", "flash", "math", "eager"] + (["efficient", "cudnn"] if device == "cuda" else [])
+    return ["auto", "flash", "math", "eager", "matmul"] + (["efficient", "cudnn"] if device == "cuda" else [])
 
 
-def attention_function(kernel: str):
+def attention_function(kernel: str, dtype, seq_len: int, device: str):
+    import torch
     from transformers import AttentionInterface
     from transformers.models.llama.modeling_llama import eager_attention_forward
 
-    from graftlm.train.speed import _attention_implementation
+    from graftlm.train.speed import _attention_implementation, auto_attention
 
+    if kernel == "auto":  # what train.attention: auto becomes for this device, dtype and length
+        precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+        kernel = auto_attention(SimpleNamespace(precision=precision, seq_len=seq_len), torch.device(device))
     if kernel == "eager":
         return eager_attention_forward
-    return AttentionInterface()["sdpa" if kernel == "auto" else _attention_implementation(kernel)]
+    return AttentionInterface()["sdpa" if kernel == "sdpa" else _attention_implementation(kernel)]
 
 
 def time_kernel(kernel: str, dtype, seq_len: int, batch: int, device: str) -> float:
@@ -41,11 +46,11 @@ def time_kernel(kernel: str, dtype, seq_len: int, batch: int, device: str) -> fl
     q = torch.randn(batch, HEADS, seq_len, HEAD_DIM, dtype=dtype, device=device, requires_grad=True)
     k = torch.randn(batch, KV_HEADS, seq_len, HEAD_DIM, dtype=dtype, device=device, requires_grad=True)
     v = torch.randn(batch, KV_HEADS, seq_len, HEAD_DIM, dtype=dtype, device=device, requires_grad=True)
+    forward = attention_function(kernel, dtype, seq_len, device)
     mask = None
-    if kernel == "eager":  # the eager path needs the causal mask spelled out, as transformers builds it for it
+    if forward.__name__ == "eager_attention_forward":  # it needs the causal mask spelled out, as transformers builds it
         mask = torch.full((seq_len, seq_len), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)[None, None]
     grad = torch.randn(batch, seq_len, HEADS, HEAD_DIM, dtype=dtype, device=device)
-    forward = attention_function(kernel)
     forward(module, q, k, v, mask, scaling=HEAD_DIM ** -0.5)[0].backward(grad)  # warm-up
     if device == "cuda":
         torch.cuda.synchronize()

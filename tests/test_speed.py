@@ -73,8 +73,8 @@ def test_weight_casts_per_step_is_nothing_under_fp32():
 
 
 def reference_chunked_cross_entropy(hidden, weight, targets, chunk: int, compute_dtype):
-    """The chunked loss as graftlm computed it before this file's switches (grad_weight summed into zeros, the
-    whole vocabulary in one product): loss, grad_hidden, grad_weight of `loss * 0.25`."""
+    """The chunked loss written plainly (grad_weight summed into zeros, the whole vocabulary in one product, the
+    softmax of all the chunk's rows at once, not in place): loss, grad_hidden, grad_weight of `loss * 0.25`."""
     valid_count = (targets != IGNORE).sum().clamp(min=1)
     w = weight.to(compute_dtype)
     grad_hidden, grad_weight = torch.empty_like(hidden), torch.zeros(weight.shape)
@@ -83,9 +83,11 @@ def reference_chunked_cross_entropy(hidden, weight, targets, chunk: int, compute
         h, t = hidden[start:start + chunk].to(compute_dtype), targets[start:start + chunk]
         valid, t_safe = t != IGNORE, t.clamp(min=0)
         logits = (h @ w.T).float()
-        lse = torch.logsumexp(logits, dim=-1)
+        top = logits.amax(dim=-1, keepdim=True)
+        sums = (logits - top).exp().sum(dim=-1, keepdim=True)
+        lse = (top + sums.log()).squeeze(1)
         total += ((lse - logits.gather(1, t_safe[:, None]).squeeze(1)) * valid).sum()
-        grad_logits = logits.sub_(lse[:, None]).exp_()
+        grad_logits = (logits - top).exp() / sums
         grad_logits[torch.arange(len(t)), t_safe] -= 1.0
         grad_logits = grad_logits.mul_((valid.to(torch.float32) / valid_count)[:, None]).to(compute_dtype)
         grad_hidden[start:start + chunk] = (grad_logits @ w).to(hidden.dtype)
@@ -151,7 +153,7 @@ def loss_of(model, tokens) -> torch.Tensor:
         return CausalLMLoss(model)(tokens[:, :-1], tokens[:, 1:])
 
 
-@pytest.mark.parametrize("attention", ["eager", "math", "flash"])
+@pytest.mark.parametrize("attention", ["eager", "math", "flash", "matmul"])
 def test_attention_kernels_give_the_default_loss(attention):
     tokens = torch.randint(0, 300, (2, 33))
     reference = loss_of(tiny_llama(), tokens)
@@ -159,6 +161,17 @@ def test_attention_kernels_give_the_default_loss(attention):
     assert model.config._attn_implementation != "sdpa"
     assert torch.allclose(loss_of(model, tokens), reference, rtol=1e-5)
     assert "attn_implementation" not in model.config.to_json_string()  # saved models stay plain
+
+
+def test_auto_attention_is_eager_only_for_short_bf16_sequences_on_a_cpu():
+    from graftlm.train.speed import auto_attention
+
+    assert auto_attention(TrainConfig(precision="bf16", seq_len=512), CPU) == "matmul"
+    assert auto_attention(TrainConfig(precision="bf16", seq_len=1024, batch_tokens=4096), CPU) == "sdpa"
+    assert auto_attention(TrainConfig(precision="fp32", seq_len=512), CPU) == "sdpa"
+    assert auto_attention(TrainConfig(precision="bf16", seq_len=512), torch.device("cuda")) == "sdpa"
+    model = prepare_for_speed(tiny_llama(), TrainConfig(precision="bf16", seq_len=512), CPU)
+    assert model.config._attn_implementation == "graftlm_matmul"
 
 
 def test_cuda_only_attention_kernels_are_refused_on_cpu():

@@ -181,10 +181,12 @@ class TrainConfig(Section):
     """chunked loss: the output layer's two products that keep the vocabulary as an output dimension run this many
     vocabulary rows at a time (null: all at once). Each number is the same dot product either way (bit-identical in
     the CPU cases tested, not guaranteed by every matmul library); only the speed differs."""
-    attention: Literal["auto", "flash", "efficient", "math", "cudnn", "eager"] = "auto"
-    """The attention kernel (graftlm/train/speed.py): auto: scaled-dot-product attention (SDPA) on the kernel torch
-    picks per call; flash, efficient, math, cudnn: SDPA on that kernel only; eager: transformers' matmul + softmax.
-    Anything but auto changes rounding."""
+    attention: Literal["auto", "flash", "efficient", "math", "cudnn", "eager", "matmul"] = "auto"
+    """The attention kernel (graftlm/train/speed.py): auto: matmul on a CPU in bf16 up to 512 tokens (measured
+    faster there), elsewhere scaled-dot-product attention (SDPA) on the kernel torch picks per call; flash,
+    efficient, math, cudnn: SDPA on that kernel only; eager: transformers' matmul + softmax; matmul: the same maths
+    without its copies (graftlm's). Kernels round differently: a run repeats another bit for bit only on the same
+    kernel."""
     compile: bool | Literal["auto"] = "auto"
     """torch.compile each transformer block (compiled code is cached between runs); auto: on CUDA, off on CPU.
     It changes rounding, so a compiled run does not repeat an uncompiled one bit for bit."""

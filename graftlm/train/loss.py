@@ -24,6 +24,9 @@ from torch import nn
 from graftlm.errors import GraftError
 
 IGNORE = -100
+SOFTMAX_ROWS = 32
+"""Rows of logits whose softmax is computed together: 32 × a 49k vocabulary in fp32 is 6 MB, within a CPU's cache.
+(bench: 1,024 tokens' loss less than half the time of the whole chunk at once, on Zen 4.)"""
 
 
 class ChunkTerm(Protocol):
@@ -69,22 +72,36 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             valid = t != IGNORE
             t_safe = t.clamp(min=0)
             if len(vocab_slices) == 1:
-                logits = (h @ w.T).float()
+                logits = h @ w.T
             else:
-                logits = torch.empty((len(h), w.shape[0]), dtype=torch.float32, device=h.device)
+                logits = torch.empty((len(h), w.shape[0]), dtype=compute_dtype, device=h.device)
                 for v in vocab_slices:
                     logits[:, v] = h @ w[v].T
-            extra_grad = extra(logits, start) if extra is not None else None  # before logits are overwritten
-            lse = torch.logsumexp(logits, dim=-1)
-            total += ((lse - logits.gather(1, t_safe[:, None]).squeeze(1)) * valid).sum()
-            # d(mean loss)/d(logits) = (softmax - onehot) / valid_count, zero on ignored positions
-            grad_logits = logits.sub_(lse[:, None]).exp_()
-            grad_logits[torch.arange(len(t), device=t.device), t_safe] -= 1.0
-            if extra_grad is not None:
-                rows, grad = extra_grad
-                grad_logits[rows] += grad
-            grad_logits.mul_((valid.to(torch.float32) / valid_count)[:, None])
-            grad_logits = grad_logits.to(compute_dtype)
+            scale = valid.to(torch.float32) / valid_count
+            token_loss = torch.empty(len(h), dtype=torch.float32, device=h.device)
+            # the logits become d(mean loss)/d(logits) = (softmax - onehot) / valid_count (zero on ignored
+            # positions) in place, SOFTMAX_ROWS rows at a time in fp32: a block's fp32 copy stays in cache, where
+            # the whole chunk's would make every elementwise pass a trip through memory
+            for r in range(0, len(h), SOFTMAX_ROWS):
+                rows = slice(r, r + SOFTMAX_ROWS)
+                x = logits[rows].float()  # the block itself when the logits are fp32
+                target = t_safe[rows, None]
+                extra_grad = extra(x, start + r) if extra is not None else None  # before x is overwritten
+                target_logit = x.gather(1, target).squeeze(1)
+                top = x.amax(dim=-1, keepdim=True)
+                sums = x.sub_(top).exp_().sum(dim=-1, keepdim=True)
+                lse = (top + sums.log()).squeeze(1)
+                token_loss[rows] = (lse - target_logit) * valid[rows]
+                x.div_(sums)
+                x[torch.arange(len(x), device=x.device), target.squeeze(1)] -= 1.0
+                if extra_grad is not None:
+                    extra_rows, grad = extra_grad
+                    x[extra_rows] += grad
+                x.mul_(scale[rows, None])
+                if logits.dtype != torch.float32:
+                    logits[rows] = x
+            total += token_loss.sum()
+            grad_logits = logits
             grad_hidden[start:start + chunk] = (grad_logits @ w).to(hidden.dtype)
             for v in vocab_slices:
                 if one_chunk:

@@ -5,10 +5,11 @@
         for micro in micro_batches: ...forward under autocast, backward...
     tokens = to_device(batch, device)                 # pinned, asynchronous copy on CUDA
 
-- `train.attention`: the attention kernel. `auto` keeps the model's scaled-dot-product attention (SDPA) and lets
-  torch pick a kernel per call (on CPU its flash kernel: measured fastest in bf16 at seq 512, bench/attention.py);
-  `flash`, `efficient`, `math`, `cudnn` restrict SDPA to one kernel (an error where it cannot run the call);
-  `eager` is transformers' own matmul and softmax.
+- `train.attention`: the attention kernel. `auto` chooses by device, precision and sequence length
+  (`auto_attention`): `matmul` on a CPU in bf16 up to `MATMUL_UP_TO` tokens, elsewhere the model's
+  scaled-dot-product attention (SDPA) on the kernel torch picks per call (flash on a CPU). `flash`, `efficient`,
+  `math`, `cudnn` restrict SDPA to one kernel (an error where it cannot run the call); `eager` is transformers' own
+  matmul and softmax; `matmul` the same maths without its copies (`matmul_attention`).
 - `train.compile`: torch.compile of each transformer block (the blocks share one compiled graph). Compiled code
   goes to a persistent cache (TORCHINDUCTOR_CACHE_DIR, default ~/.cache/graftlm/torch-compile), so only the first
   run of a shape pays the compilation. `auto`: on CUDA only; it changes rounding (fused elementwise kernels), so it
@@ -41,6 +42,11 @@ SDPA_KERNELS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", 
                 "cudnn": "CUDNN_ATTENTION"}
 """`train.attention` values that restrict SDPA to one kernel, and torch's name for it."""
 CUDA_ONLY_KERNELS = ("efficient", "cudnn")
+MATMUL_UP_TO = 512
+"""The longest sequence for which `attention: auto` takes `matmul` on a CPU in bf16. bench/attention.py on Zen 4
+(2 cores, AVX512-BF16), SmolLM2-135M's heads, batch 2, forward + backward: matmul 19.2 ms against torch's CPU
+flash kernel 28.3 ms at 512 tokens (eager 24.0), 148 against 67 ms at 1,024 (a sequence's scores no longer stay in
+cache)."""
 COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 
 
@@ -56,8 +62,9 @@ def prepare_for_speed(model: "nn.Module", cfg: "TrainConfig", device: torch.devi
     if cfg.attention in CUDA_ONLY_KERNELS and device.type != "cuda":
         raise GraftError(f"train.attention: {cfg.attention} is a CUDA kernel and this run is on {device.type}; "
                          "use auto (on CPU: flash) or math")
-    if cfg.attention != "auto":
-        base.set_attn_implementation(_attention_implementation(cfg.attention))
+    attention = auto_attention(cfg, device) if cfg.attention == "auto" else cfg.attention
+    if attention != "sdpa":
+        base.set_attn_implementation(_attention_implementation(attention))
     if compile_enabled(cfg, device):
         _compile_blocks(base)
     return model
@@ -65,6 +72,14 @@ def prepare_for_speed(model: "nn.Module", cfg: "TrainConfig", device: torch.devi
 
 def compile_enabled(cfg: "TrainConfig", device: torch.device) -> bool:
     return device.type == "cuda" if cfg.compile == "auto" else bool(cfg.compile)
+
+
+def auto_attention(cfg: "TrainConfig", device: torch.device) -> str:
+    """What `attention: auto` becomes: matmul on a CPU in bf16 up to MATMUL_UP_TO tokens (its bf16 matrix products
+    beat the CPU flash kernel while a sequence's scores fit in cache), sdpa (the model's own) everywhere else."""
+    if device.type == "cpu" and cfg.precision == "bf16" and cfg.seq_len <= MATMUL_UP_TO:
+        return "matmul"
+    return "sdpa"
 
 
 def weight_casts_per_step(cfg: "TrainConfig", device: torch.device):
@@ -85,14 +100,50 @@ def to_device(array: "np.ndarray", device: torch.device) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
+def matmul_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                     **_) -> tuple[torch.Tensor, None]:
+    """Attention as two matrix products and a softmax (`train.attention: matmul`), written for a CPU in bf16: the
+    query heads that share a key/value head are one product against it (no copies of the keys and values), the
+    scale applies to the queries (64 numbers per token, not 512 scores), the mask is written into the scores in
+    place, and the softmax returns the scores' own dtype. Transformers' eager attention does the same maths with
+    the keys and values repeated per head, an fp32 mask added (the scores promoted to fp32) and an fp32 softmax
+    cast back. The mask is transformers' SDPA mask: None (causal, nothing padded) or True where a query may look."""
+    if dropout and module.training:
+        raise GraftError("train.attention: matmul has no attention dropout; use auto or eager")
+    batch, heads, length, head_dim = query.shape
+    kv_heads, keys = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    scaling = head_dim ** -0.5 if scaling is None else scaling
+    grouped = (query * scaling).reshape(batch, kv_heads, groups * length, head_dim)  # row: group, then position
+    scores = grouped @ key.transpose(-1, -2)
+    if attention_mask is None:
+        allowed = torch.ones(length, keys, dtype=torch.bool, device=query.device).tril_(keys - length)
+    else:
+        allowed = attention_mask[..., -keys:]  # batch, 1, length, keys
+    # the lowest finite number, not -inf: a row with nothing allowed (a padded query) gets a uniform softmax, not NaN
+    blocked = ~allowed.repeat(*([1] * (allowed.dim() - 2)), groups, 1)  # the same for each head of a group
+    scores.masked_fill_(blocked, torch.finfo(scores.dtype).min)
+    with torch.autocast(query.device.type, enabled=False):  # autocast would compute it in fp32 and cast it back
+        probs = torch.softmax(scores, dim=-1)
+    output = probs @ value
+    return output.view(batch, heads, length, head_dim).transpose(1, 2).contiguous(), None
+
+
 def _attention_implementation(name: str) -> str:
-    """The transformers attention implementation for `train.attention`: registered on first use for an SDPA kernel."""
-    if name not in SDPA_KERNELS:
+    """The transformers attention implementation for `train.attention`: registered on first use for an SDPA kernel
+    and for `matmul`."""
+    if name not in SDPA_KERNELS and name != "matmul":
         return name  # eager
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+    if name == "matmul":
+        if "graftlm_matmul" not in AttentionInterface._global_mapping:
+            AttentionInterface.register("graftlm_matmul", matmul_attention)
+            ALL_MASK_ATTENTION_FUNCTIONS.register("graftlm_matmul", sdpa_mask)
+        return "graftlm_matmul"
     # transformers takes any implementation named "*flash*" for a flash-attn package
     registered = f"graftlm_sdpa_{name}".replace("flash", "fa")
     if registered not in AttentionInterface._global_mapping:
