@@ -2,9 +2,12 @@
 against a plain transformers loop (one document per forward pass) on the same text, in one run.
 
     .venv/bin/python bench/eval.py [--max-documents 40] [--max-items 100] [--threads 1] [--model smollm2-135m]
+        [--attention flash,auto]
 
 Prints seconds per pass (what the training loop pays every `eval.every` steps; wall and CPU seconds, the latter
-steadier on a shared machine) and the numbers themselves.
+steadier on a shared machine) and the numbers themselves, for each `train.attention` kernel asked for: the model is
+prepared as a training run of the demo (bf16, seq 512) prepares it with that kernel, since evaluations during
+training run on the training's model (`auto`: what it resolves to there; `flash`: the kernel `auto` was before).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--attention", default="flash,auto", help="train.attention kernels, comma-separated")
     args = parser.parse_args()
     os.chdir(REPO)
     import torch
@@ -51,6 +55,8 @@ def main() -> None:
     from graftlm.evaluate.scoring import start_token_id
     from graftlm.evaluate.suite import Evaluator
     from graftlm.models import load_model, load_tokenizer
+    from graftlm.train.config import TrainConfig
+    from graftlm.train.speed import prepare_for_speed
 
     tokenizer, model = load_tokenizer(args.model), load_model(args.model)
     config = EvalConfig(text=TEXT, choice=CHOICE, max_documents=args.max_documents, max_items=args.max_items,
@@ -61,7 +67,10 @@ def main() -> None:
     one_set |= {name: config.model_copy(update={"text": {}, "choice": {name: ChoiceSetConfig(path=path)}})
                 for name, path in CHOICE.items()}
     timings: dict[tuple[str, str], float] = {}
-    for dtype in args.dtypes.split(","):
+    for attention, dtype in [(a, d) for a in args.attention.split(",") for d in args.dtypes.split(",")]:
+        train = TrainConfig(precision="bf16", seq_len=512, attention=attention, compile=False)
+        prepare_for_speed(model, train, torch.device("cpu"))
+        label = f"{dtype} {attention}" + (f" ({model.config._attn_implementation})" if attention == "auto" else "")
         for name, set_config in one_set.items():
             evaluator = Evaluator.from_config(set_config.model_copy(update={"dtype": dtype}), tokenizer)
             started, cpu = time.perf_counter(), time.process_time()
@@ -75,8 +84,9 @@ def main() -> None:
                 r = results["choice"][name]
                 shown = (f"accuracy {r['accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]  "
                          f"accuracy/byte {r['accuracy_norm']:.3f}  n {r['n']}")
-            print(f"{name:12} {dtype:9} {seconds:7.1f} s ({cpu:6.1f} CPU s)   {shown}", flush=True)
-            timings[name, dtype] = seconds
+            print(f"{name:12} {label:30} {seconds:7.1f} s ({cpu:6.1f} CPU s)   {shown}", flush=True)
+            timings[name, dtype] = seconds  # the last kernel's (the default's, by default)
+    model.set_attn_implementation("sdpa")  # the plain loop: the model as transformers loads it
     for name, path in TEXT.items():
         text_set = load_text_set(path, tokenizer, max_documents=args.max_documents)
         seconds, cpu = plain_loop_seconds(model, text_set, start_token_id(tokenizer))

@@ -87,7 +87,8 @@ def worker_graftlm(run_root: Path, args: dict, overrides: list[str], clock: Step
         "name=bench", "curate=null", "vocab=null", "mixture={vi: 1.0}", f"train.max_steps={args['steps']}",
         f"train.batch_tokens={args['batch_tokens']}", f"train.micro_batch_size={args['micro_batch']}",
         "train.checkpoint_every=0", f"train.seq_len={args['seq_len']}", "eval.text={}", "eval.choice={}",
-        "eval.generate.prompts={}", "eval.lens.text={}", *overrides])
+        "eval.generate.prompts={}", "eval.lens.text={}", f"train.precision={'bf16' if args['bf16'] else 'fp32'}",
+        *overrides])  # the precision the Trainer gets too (auto is resolved once, in the parent)
     run = RunDir(run_root)
     first = [True]
 

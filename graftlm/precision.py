@@ -37,22 +37,27 @@ def fast_bf16(device_type: str = "cpu") -> bool:
         return torch.cuda.is_bf16_supported()
     if device_type != "cpu":
         return False
-    return _seconds_per_product(bf16=True) <= _seconds_per_product(bf16=False)
+    bf16, fp32 = _seconds_per_product()
+    return bf16 <= fp32
 
 
-def _seconds_per_product(bf16: bool) -> float:
+def _seconds_per_product() -> tuple[float, float]:
+    """The best of several timings of one product under bf16 autocast and in fp32, interleaved, so that a busy
+    machine (another job on the same cores) slows both alike rather than one of them."""
     import torch
 
     generator = torch.Generator().manual_seed(0)  # (the global generators, which training seeds, are left alone)
-    a, b = torch.randn(256, 512, generator=generator), torch.randn(512, 256, generator=generator)
-    best = float("inf")
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        torch.matmul(a, b)  # kernel selection, page faults
-        for _ in range(3):
-            started = time.perf_counter()
-            torch.matmul(a, b)
-            best = min(best, time.perf_counter() - started)
-    return best
+    a, b = torch.randn(384, 384, generator=generator), torch.randn(384, 384, generator=generator)
+    best = {True: float("inf"), False: float("inf")}
+    with torch.no_grad():
+        for repeat in range(5):
+            for bf16 in (True, False):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    started = time.perf_counter()
+                    torch.matmul(a, b)
+                    if repeat:  # the first of each: kernel selection, page faults
+                        best[bf16] = min(best[bf16], time.perf_counter() - started)
+    return best[True], best[False]
 
 
 def _device_type(device) -> str:

@@ -174,6 +174,41 @@ def test_auto_attention_is_eager_only_for_short_bf16_sequences_on_a_cpu():
     assert model.config._attn_implementation == "graftlm_matmul"
 
 
+def test_matmul_attention_trains_as_eager():
+    tokens = torch.randint(0, 300, (2, 33))
+    grads = []
+    for attention in ("eager", "matmul"):
+        model = prepare_for_speed(tiny_llama(), TrainConfig(attention=attention), CPU)
+        CausalLMLoss(model)(tokens[:, :-1], tokens[:, 1:]).backward()
+        grads.append([p.grad for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+def test_matmul_attention_with_padding_gives_eager_logits_and_no_nan():
+    tokens = torch.randint(1, 300, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :4] = 0  # left padding: the padded queries have no key to look at
+    logits = []
+    for attention in ("eager", "matmul"):
+        model = prepare_for_speed(tiny_llama(), TrainConfig(attention=attention), CPU).eval()
+        with torch.no_grad():
+            logits.append(model(input_ids=tokens, attention_mask=mask).logits)
+    assert torch.isfinite(logits[1]).all()
+    assert torch.allclose(logits[0][mask.bool()], logits[1][mask.bool()], atol=1e-5)
+
+
+def test_matmul_attention_generates_as_eager_with_a_cache_and_left_padding():
+    prompts = torch.randint(1, 300, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, :3] = 0
+    outputs = []
+    for attention in ("eager", "matmul"):
+        model = prepare_for_speed(tiny_llama(), TrainConfig(attention=attention), CPU).eval()
+        outputs.append(model.generate(input_ids=prompts, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                      pad_token_id=0))
+    assert torch.equal(*outputs)
+
+
 def test_cuda_only_attention_kernels_are_refused_on_cpu():
     with pytest.raises(GraftError, match="train.attention: efficient"):
         prepare_for_speed(tiny_llama(), TrainConfig(attention="efficient"), CPU)

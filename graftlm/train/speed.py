@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -118,16 +119,26 @@ def matmul_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     grouped = (query * scaling).reshape(batch, kv_heads, groups * length, head_dim)  # row: group, then position
     scores = grouped @ key.transpose(-1, -2)
     if attention_mask is None:
-        allowed = torch.ones(length, keys, dtype=torch.bool, device=query.device).tril_(keys - length)
-    else:
-        allowed = attention_mask[..., -keys:]  # batch, 1, length, keys
-    # the lowest finite number, not -inf: a row with nothing allowed (a padded query) gets a uniform softmax, not NaN
-    blocked = ~allowed.repeat(*([1] * (allowed.dim() - 2)), groups, 1)  # the same for each head of a group
-    scores.masked_fill_(blocked, torch.finfo(scores.dtype).min)
+        blocked = _causal_blocked(length, keys, groups, query.device)
+    else:  # batch, 1, length, keys; the same for each head of a group
+        blocked = ~attention_mask[..., -keys:].repeat(1, 1, groups, 1)
+    # Outside autograd: a blocked score's probability is exactly 0, so the softmax's backward already gives it a zero
+    # gradient (masked_fill's backward would only write those zeros again). The lowest finite number, not -inf: a
+    # row with nothing allowed (a padded query) gets a uniform softmax, not NaN.
+    with torch.no_grad():
+        scores.masked_fill_(blocked, torch.finfo(scores.dtype).min)
     with torch.autocast(query.device.type, enabled=False):  # autocast would compute it in fp32 and cast it back
         probs = torch.softmax(scores, dim=-1)
     output = probs @ value
     return output.view(batch, heads, length, head_dim).transpose(1, 2).contiguous(), None
+
+
+@functools.lru_cache(maxsize=8)
+def _causal_blocked(length: int, keys: int, groups: int, device: torch.device) -> torch.Tensor:
+    """True where a query may not look, for the rows of `groups` query heads stacked (the last `length` positions
+    of `keys`)."""
+    allowed = torch.ones(length, keys, dtype=torch.bool, device=device).tril_(keys - length)
+    return ~allowed.repeat(groups, 1)
 
 
 def _attention_implementation(name: str) -> str:
@@ -162,7 +173,12 @@ def _attention_implementation(name: str) -> str:
 
 def _compile_blocks(model: "nn.Module") -> None:
     """torch.compile each transformer block in place (`Module.compile`: names and state dict unchanged)."""
-    os.environ.setdefault(COMPILE_CACHE_ENV, str(compile_cache_dir()))
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # torch writes its default (a folder in /tmp) into the environment as soon as anything asks for it (importing
+    # transformers does): only a value the user set is kept
+    if os.environ.get(COMPILE_CACHE_ENV) in (None, os.path.abspath(default_cache_dir())):
+        os.environ[COMPILE_CACHE_ENV] = str(compile_cache_dir())
     blocks = getattr(model.get_decoder(), "layers", None) if hasattr(model, "get_decoder") else None
     if not isinstance(blocks, torch.nn.ModuleList) or not len(blocks):
         raise GraftError(f"train.compile: {type(model).__name__} has no list of transformer blocks "
