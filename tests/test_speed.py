@@ -233,6 +233,22 @@ def test_compile_auto_is_off_on_cpu_and_on_on_cuda():
         TrainConfig(compile="sometimes")
 
 
+def test_compiled_code_goes_to_graftlms_cache_unless_the_user_chose_one(monkeypatch, tmp_path):
+    import os
+
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from graftlm.train.speed import COMPILE_CACHE_ENV, compile_cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv(COMPILE_CACHE_ENV, os.path.abspath(default_cache_dir()))  # what torch writes there itself
+    prepare_for_speed(tiny_llama(), TrainConfig(compile=True), CPU)  # compiles lazily: nothing is compiled here
+    assert os.environ[COMPILE_CACHE_ENV] == str(compile_cache_dir()) == str(tmp_path / "graftlm" / "torch-compile")
+    monkeypatch.setenv(COMPILE_CACHE_ENV, str(tmp_path / "mine"))
+    prepare_for_speed(tiny_llama(), TrainConfig(compile=True), CPU)
+    assert os.environ[COMPILE_CACHE_ENV] == str(tmp_path / "mine")
+
+
 @pytest.mark.slow
 def test_compiled_blocks_train_close_to_eager_and_evaluate_eagerly():
     """Slow the first time only: compiled code goes to the persistent cache (speed.compile_cache_dir)."""
