@@ -182,11 +182,11 @@ class TrainConfig(Section):
     vocabulary rows at a time (null: all at once). Each number is the same dot product either way (bit-identical in
     the CPU cases tested, not guaranteed by every matmul library); only the speed differs."""
     attention: Literal["auto", "flash", "efficient", "math", "cudnn", "eager", "matmul"] = "auto"
-    """The attention kernel (graftlm/train/speed.py): auto: matmul on a CPU in bf16 up to 512 tokens (measured
-    faster there), elsewhere scaled-dot-product attention (SDPA) on the kernel torch picks per call; flash,
-    efficient, math, cudnn: SDPA on that kernel only; eager: transformers' matmul + softmax; matmul: the same maths
-    without its copies (graftlm's). Kernels round differently: a run repeats another bit for bit only on the same
-    kernel."""
+    """The attention kernel (graftlm/train/speed.py): auto: matmul on a CPU in bf16 (measured 1.4-2.3x faster than
+    torch's CPU flash kernel there), elsewhere scaled-dot-product attention (SDPA) on the kernel torch picks per
+    call; flash, efficient, math, cudnn: SDPA on that kernel only; eager: transformers' matmul + softmax; matmul:
+    the same maths without its copies, and causal blocks of queries against the keys before them only (graftlm's).
+    Kernels round differently: a run repeats another bit for bit only on the same kernel."""
     compile: bool | Literal["auto"] = "auto"
     """torch.compile each transformer block (compiled code is cached between runs); auto: on CUDA, off on CPU.
     It changes rounding, so a compiled run does not repeat an uncompiled one bit for bit."""

@@ -5,9 +5,9 @@
         for micro in micro_batches: ...forward under autocast, backward...
     tokens = to_device(batch, device)                 # pinned, asynchronous copy on CUDA
 
-- `train.attention`: the attention kernel. `auto` chooses by device, precision and sequence length
-  (`auto_attention`): `matmul` on a CPU in bf16 up to `MATMUL_UP_TO` tokens, elsewhere the model's
-  scaled-dot-product attention (SDPA) on the kernel torch picks per call (flash on a CPU). `flash`, `efficient`,
+- `train.attention`: the attention kernel. `auto` chooses by device and precision (`auto_attention`): `matmul` on
+  a CPU in bf16, elsewhere the model's scaled-dot-product attention (SDPA) on the kernel torch picks per call (flash
+  on a CPU in fp32, flash or cuDNN on CUDA). `flash`, `efficient`,
   `math`, `cudnn` restrict SDPA to one kernel (an error where it cannot run the call); `eager` is transformers' own
   matmul and softmax; `matmul` the same maths without its copies (`matmul_attention`).
 - `train.compile`: torch.compile of each transformer block (the blocks share one compiled graph). Compiled code
@@ -43,11 +43,6 @@ SDPA_KERNELS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", 
                 "cudnn": "CUDNN_ATTENTION"}
 """`train.attention` values that restrict SDPA to one kernel, and torch's name for it."""
 CUDA_ONLY_KERNELS = ("efficient", "cudnn")
-MATMUL_UP_TO = 512
-"""The longest sequence for which `attention: auto` takes `matmul` on a CPU in bf16. bench/attention.py on Zen 4
-(2 cores, AVX512-BF16), SmolLM2-135M's heads, batch 2, forward + backward: matmul 19.2 ms against torch's CPU
-flash kernel 28.3 ms at 512 tokens (eager 24.0), 148 against 67 ms at 1,024 (a sequence's scores no longer stay in
-cache)."""
 COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 
 
@@ -76,9 +71,11 @@ def compile_enabled(cfg: "TrainConfig", device: torch.device) -> bool:
 
 
 def auto_attention(cfg: "TrainConfig", device: torch.device) -> str:
-    """What `attention: auto` becomes: matmul on a CPU in bf16 up to MATMUL_UP_TO tokens (its bf16 matrix products
-    beat the CPU flash kernel while a sequence's scores fit in cache), sdpa (the model's own) everywhere else."""
-    if device.type == "cpu" and cfg.precision == "bf16" and cfg.seq_len <= MATMUL_UP_TO:
+    """What `attention: auto` becomes: matmul on a CPU in bf16, sdpa (the model's own) everywhere else.
+    bench/attention.py on Zen 4 (2 cores, AVX512-BF16), SmolLM2-135M's heads, batch 2, forward + backward in bf16:
+    matmul 4.7 / 12.8 / 56.9 / 168 ms at 256 / 512 / 1,024 / 2,048 tokens, torch's CPU flash kernel 11.0 / 29.8 /
+    75.7 / 231; in fp32 the two are within 5 % (8.3 against 8.1 ms at 256, 288 against 273 at 2,048)."""
+    if device.type == "cpu" and cfg.precision == "bf16":
         return "matmul"
     return "sdpa"
 
@@ -107,16 +104,37 @@ def matmul_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     """Attention as two matrix products and a softmax (`train.attention: matmul`), written for a CPU in bf16: the
     query heads that share a key/value head are one product against it (no copies of the keys and values), the
     scale applies to the queries (64 numbers per token, not 512 scores), the mask is written into the scores in
-    place, and the softmax returns the scores' own dtype. Transformers' eager attention does the same maths with
-    the keys and values repeated per head, an fp32 mask added (the scores promoted to fp32) and an fp32 softmax
-    cast back. The mask is transformers' SDPA mask: None (causal, nothing padded) or True where a query may look."""
+    place, the softmax returns the scores' own dtype, and under a causal mask each block of `QUERY_BLOCK` queries is
+    multiplied only with the keys up to its last position (5/8 of the products at 512 tokens).
+    Transformers' eager attention does the same maths with the keys and values repeated per head, an fp32 mask
+    added (the scores promoted to fp32), an fp32 softmax cast back, and every query against every key. The mask is
+    transformers' SDPA mask: None (causal, nothing padded) or True where a query may look."""
     if dropout and module.training:
         raise GraftError("train.attention: matmul has no attention dropout; use auto or eager")
+    length, keys = query.shape[2], key.shape[2]
+    scaled = query * (query.shape[-1] ** -0.5 if scaling is None else scaling)
+    if attention_mask is None and length == keys:
+        edges = [*range(0, length, QUERY_BLOCK), length]
+        output = torch.cat([_attend(scaled[:, :, start:end], key[:, :, :end], value[:, :, :end], None)
+                            for start, end in zip(edges, edges[1:])], dim=2)
+    else:
+        output = _attend(scaled, key, value, attention_mask)
+    return output.transpose(1, 2).contiguous(), None
+
+
+QUERY_BLOCK = 128
+"""Queries per block of causal matmul attention. bench: forward + backward of SmolLM2's attention, batch 2, bf16
+on Zen 4: at 512 tokens 28.0 ms in one block, 19.9 in 2, 16.5 in 4, 17.2 in 8; at 256, 8.0 / 5.1 / 5.7 in 1 / 2 / 4."""
+
+
+def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+            attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Scaled queries (batch, heads, length, dim) attending to the keys, whose last `length` positions are theirs;
+    the output in the queries' shape."""
     batch, heads, length, head_dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
     groups = heads // kv_heads
-    scaling = head_dim ** -0.5 if scaling is None else scaling
-    grouped = (query * scaling).reshape(batch, kv_heads, groups * length, head_dim)  # row: group, then position
+    grouped = query.reshape(batch, kv_heads, groups * length, head_dim)  # row: group, then position
     scores = grouped @ key.transpose(-1, -2)
     if attention_mask is None:
         blocked = _causal_blocked(length, keys, groups, query.device)
@@ -129,11 +147,10 @@ def matmul_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
         scores.masked_fill_(blocked, torch.finfo(scores.dtype).min)
     with torch.autocast(query.device.type, enabled=False):  # autocast would compute it in fp32 and cast it back
         probs = torch.softmax(scores, dim=-1)
-    output = probs @ value
-    return output.view(batch, heads, length, head_dim).transpose(1, 2).contiguous(), None
+    return (probs @ value).view(batch, heads, length, head_dim)
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=32)
 def _causal_blocked(length: int, keys: int, groups: int, device: torch.device) -> torch.Tensor:
     """True where a query may not look, for the rows of `groups` query heads stacked (the last `length` positions
     of `keys`)."""
