@@ -184,6 +184,21 @@ def test_matmul_attention_trains_as_eager():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
 
+def test_matmul_attention_without_a_mask_is_causal_only_where_the_module_is():
+    from types import SimpleNamespace
+
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    from graftlm.train.speed import matmul_attention
+
+    q, k, v = torch.randn(1, 4, 300, 8), torch.randn(1, 2, 300, 8), torch.randn(1, 2, 300, 8)
+    causal = torch.full((300, 300), float("-inf")).triu(1)
+    for is_causal, mask in ((True, causal), (False, torch.zeros(300, 300))):
+        module = SimpleNamespace(num_key_value_groups=2, training=False, is_causal=is_causal)
+        expected = eager_attention_forward(module, q, k, v, mask[None, None], scaling=0.3)[0]
+        assert torch.allclose(matmul_attention(module, q, k, v, None, scaling=0.3)[0], expected, atol=1e-5)
+
+
 def test_matmul_attention_with_padding_gives_eager_logits_and_no_nan():
     tokens = torch.randint(1, 300, (2, 12))
     mask = torch.ones(2, 12, dtype=torch.long)

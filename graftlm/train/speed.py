@@ -44,6 +44,9 @@ SDPA_KERNELS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", 
 """`train.attention` values that restrict SDPA to one kernel, and torch's name for it."""
 CUDA_ONLY_KERNELS = ("efficient", "cudnn")
 COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+QUERY_BLOCK = 128
+"""Queries per block of causal matmul attention. bench: forward + backward of SmolLM2's attention, batch 2, bf16
+on Zen 4: at 512 tokens 28.0 ms in one block, 19.9 in 2, 16.5 in 4, 17.2 in 8; at 256, 8.0 / 5.1 / 5.7 in 1 / 2 / 4."""
 
 
 def prepare_for_speed(model: "nn.Module", cfg: "TrainConfig", device: torch.device) -> "nn.Module":
@@ -113,38 +116,35 @@ def matmul_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
         raise GraftError("train.attention: matmul has no attention dropout; use auto or eager")
     length, keys = query.shape[2], key.shape[2]
     scaled = query * (query.shape[-1] ** -0.5 if scaling is None else scaling)
-    if attention_mask is None and length == keys:
+    causal = getattr(module, "is_causal", True)
+    if attention_mask is None and causal and length == keys:
         edges = [*range(0, length, QUERY_BLOCK), length]
-        output = torch.cat([_attend(scaled[:, :, start:end], key[:, :, :end], value[:, :, :end], None)
+        output = torch.cat([_attend(scaled[:, :, start:end], key[:, :, :end], value[:, :, :end], None, True)
                             for start, end in zip(edges, edges[1:])], dim=2)
     else:
-        output = _attend(scaled, key, value, attention_mask)
+        output = _attend(scaled, key, value, attention_mask, causal)
     return output.transpose(1, 2).contiguous(), None
 
 
-QUERY_BLOCK = 128
-"""Queries per block of causal matmul attention. bench: forward + backward of SmolLM2's attention, batch 2, bf16
-on Zen 4: at 512 tokens 28.0 ms in one block, 19.9 in 2, 16.5 in 4, 17.2 in 8; at 256, 8.0 / 5.1 / 5.7 in 1 / 2 / 4."""
-
-
-def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-            attention_mask: torch.Tensor | None) -> torch.Tensor:
+def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
+            causal: bool) -> torch.Tensor:
     """Scaled queries (batch, heads, length, dim) attending to the keys, whose last `length` positions are theirs;
-    the output in the queries' shape."""
+    the output in the queries' shape. Without a mask: causal, or every query sees every key."""
     batch, heads, length, head_dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
     groups = heads // kv_heads
     grouped = query.reshape(batch, kv_heads, groups * length, head_dim)  # row: group, then position
     scores = grouped @ key.transpose(-1, -2)
-    if attention_mask is None:
-        blocked = _causal_blocked(length, keys, groups, query.device)
-    else:  # batch, 1, length, keys; the same for each head of a group
+    if attention_mask is not None:  # batch, 1, length, keys; the same for each head of a group
         blocked = ~attention_mask[..., -keys:].repeat(1, 1, groups, 1)
+    else:
+        blocked = _causal_blocked(length, keys, groups, query.device) if causal else None
     # Outside autograd: a blocked score's probability is exactly 0, so the softmax's backward already gives it a zero
     # gradient (masked_fill's backward would only write those zeros again). The lowest finite number, not -inf: a
     # row with nothing allowed (a padded query) gets a uniform softmax, not NaN.
-    with torch.no_grad():
-        scores.masked_fill_(blocked, torch.finfo(scores.dtype).min)
+    if blocked is not None:
+        with torch.no_grad():
+            scores.masked_fill_(blocked, torch.finfo(scores.dtype).min)
     with torch.autocast(query.device.type, enabled=False):  # autocast would compute it in fp32 and cast it back
         probs = torch.softmax(scores, dim=-1)
     return (probs @ value).view(batch, heads, length, head_dim)
