@@ -4,8 +4,9 @@
 A CPU without bf16 instructions (AVX2 only: most laptops before 2023, many cloud machines) computes a bf16 matrix
 product through a slow fallback, about a hundred times slower than float32 (0.8 against 98 GFLOP/s measured on 2
 AVX2 cores); with AVX512-BF16 or AMX, bf16 is 2-3 times faster than float32. So the choice is measured, not guessed
-from the CPU's name: one small product in each precision (under a second on the slow path, milliseconds
-otherwise), once per process and device type; bf16 unless it is more than twice as slow. On CUDA: bf16 where the GPU supports it (Ampere and later).
+from the CPU's name: one small product in each precision, timed a few times, interleaved (under a second on the slow
+path, milliseconds otherwise), once per process and device type; bf16 unless it is more than twice as slow. On
+CUDA: bf16 where the GPU supports it (Ampere and later).
 """
 
 from __future__ import annotations
