@@ -172,6 +172,11 @@ def test_auto_attention_is_matmul_only_in_bf16_on_a_cpu():
     assert auto_attention(TrainConfig(precision="bf16", seq_len=512), torch.device("cuda")) == "sdpa"
     model = prepare_for_speed(tiny_llama(), TrainConfig(precision="bf16", seq_len=512), CPU)
     assert model.config._attn_implementation == "graftlm_matmul"
+    prepare_for_speed(model, TrainConfig(precision="fp32"), CPU)  # prepared again: auto follows the new settings
+    assert model.config._attn_implementation == "sdpa"
+    eager = tiny_llama()
+    eager.set_attn_implementation("eager")  # as a model that needs it (soft-capping) sets it for itself
+    assert prepare_for_speed(eager, TrainConfig(precision="bf16"), CPU).config._attn_implementation == "eager"
 
 
 def test_matmul_attention_trains_as_eager():

@@ -61,9 +61,12 @@ def prepare_for_speed(model: "nn.Module", cfg: "TrainConfig", device: torch.devi
     if cfg.attention in CUDA_ONLY_KERNELS and device.type != "cuda":
         raise GraftError(f"train.attention: {cfg.attention} is a CUDA kernel and this run is on {device.type}; "
                          "use auto (on CPU: flash) or math")
-    attention = auto_attention(cfg, device) if cfg.attention == "auto" else cfg.attention
-    if attention != "sdpa":
-        base.set_attn_implementation(_attention_implementation(attention))
+    attention, current = cfg.attention, base.config._attn_implementation
+    if attention == "auto":  # a model that chose another implementation itself (eager for soft-capping) keeps it
+        attention = auto_attention(cfg, device) if current == "sdpa" or current.startswith("graftlm_") else current
+    implementation = _attention_implementation(attention)
+    if implementation != current:
+        base.set_attn_implementation(implementation)
     if compile_enabled(cfg, device):
         _compile_blocks(base)
     return model
@@ -114,6 +117,8 @@ def matmul_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     transformers' SDPA mask: None (causal, nothing padded) or True where a query may look."""
     if dropout and module.training:
         raise GraftError("train.attention: matmul has no attention dropout; use auto or eager")
+    if _.get("softcap") is not None or _.get("s_aux") is not None:
+        raise GraftError("train.attention: matmul has no soft-capping or attention sinks; use auto or eager")
     length, keys = query.shape[2], key.shape[2]
     scaled = query * (query.shape[-1] ** -0.5 if scaling is None else scaling)
     causal = getattr(module, "is_causal", True)
