@@ -7,9 +7,9 @@
 
 - `train.attention`: the attention kernel. `auto` chooses by device and precision (`auto_attention`): `matmul` on
   a CPU in bf16, elsewhere the model's scaled-dot-product attention (SDPA) on the kernel torch picks per call (flash
-  on a CPU in fp32, flash or cuDNN on CUDA). `flash`, `efficient`,
-  `math`, `cudnn` restrict SDPA to one kernel (an error where it cannot run the call); `eager` is transformers' own
-  matmul and softmax; `matmul` the same maths without its copies (`matmul_attention`).
+  on a CPU in fp32, flash or cuDNN on CUDA). `flash`, `efficient`, `math`, `cudnn` restrict SDPA to one kernel (an
+  error where it cannot run the call); `eager` is transformers' own matmul and softmax; `matmul` the same maths
+  without its copies (`matmul_attention`).
 - `train.compile`: torch.compile of each transformer block (the blocks share one compiled graph). Compiled code
   goes to a persistent cache (TORCHINDUCTOR_CACHE_DIR, default ~/.cache/graftlm/torch-compile), so only the first
   run of a shape pays the compilation. `auto`: on CUDA only; it changes rounding (fused elementwise kernels), so it
@@ -106,7 +106,7 @@ def to_device(array: "np.ndarray", device: torch.device) -> torch.Tensor:
 
 def matmul_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                     **_) -> tuple[torch.Tensor, None]:
+                     **kwargs) -> tuple[torch.Tensor, None]:
     """Attention as two matrix products and a softmax (`train.attention: matmul`), written for a CPU in bf16: the
     query heads that share a key/value head are one product against it (no copies of the keys and values), the
     scale applies to the queries (64 numbers per token, not 512 scores), the mask is written into the scores in
@@ -117,7 +117,7 @@ def matmul_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     transformers' SDPA mask: None (causal, nothing padded) or True where a query may look."""
     if dropout and module.training:
         raise GraftError("train.attention: matmul has no attention dropout; use auto or eager")
-    if _.get("softcap") is not None or _.get("s_aux") is not None:
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         raise GraftError("train.attention: matmul has no soft-capping or attention sinks; use auto or eager")
     length, keys = query.shape[2], key.shape[2]
     scaled = query * (query.shape[-1] ** -0.5 if scaling is None else scaling)
@@ -164,33 +164,33 @@ def _causal_blocked(length: int, keys: int, groups: int, device: torch.device) -
 
 
 def _attention_implementation(name: str) -> str:
-    """The transformers attention implementation for `train.attention`: registered on first use for an SDPA kernel
-    and for `matmul`."""
+    """The transformers attention implementation for `train.attention`: registered on first use (with transformers'
+    SDPA mask) for an SDPA kernel and for `matmul`."""
     if name not in SDPA_KERNELS and name != "matmul":
-        return name  # eager
+        return name  # eager, sdpa, or what a model chose for itself
     from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    if name == "matmul":
-        if "graftlm_matmul" not in AttentionInterface._global_mapping:
-            AttentionInterface.register("graftlm_matmul", matmul_attention)
-            ALL_MASK_ATTENTION_FUNCTIONS.register("graftlm_matmul", sdpa_mask)
-        return "graftlm_matmul"
     # transformers takes any implementation named "*flash*" for a flash-attn package
-    registered = f"graftlm_sdpa_{name}".replace("flash", "fa")
+    registered = "graftlm_matmul" if name == "matmul" else f"graftlm_sdpa_{name}".replace("flash", "fa")
     if registered not in AttentionInterface._global_mapping:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        backend = getattr(SDPBackend, SDPA_KERNELS[name])
-
-        def attention(*args, **kwargs):
-            with sdpa_kernel([backend]):
-                return sdpa_attention_forward(*args, **kwargs)
-
-        AttentionInterface.register(registered, attention)
+        AttentionInterface.register(registered, matmul_attention if name == "matmul" else _sdpa_on(name))
         ALL_MASK_ATTENTION_FUNCTIONS.register(registered, sdpa_mask)
     return registered
+
+
+def _sdpa_on(kernel: str):
+    """Transformers' SDPA attention function restricted to one SDPA kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    backend = getattr(SDPBackend, SDPA_KERNELS[kernel])
+
+    def attention(*args, **kwargs):
+        with sdpa_kernel([backend]):
+            return sdpa_attention_forward(*args, **kwargs)
+
+    return attention
 
 
 def _compile_blocks(model: "nn.Module") -> None:
