@@ -304,6 +304,10 @@ def test_pilot_variants_keep_the_other_sources_relative_weights_and_evaluate_oft
     short = [lr_multiplier(s, steps, fitted.train.schedule) for s in range(steps)]
     long = [lr_multiplier(s, validation.train.total_steps, validation.train.schedule) for s in range(steps)]
     assert short == long == [0.5, 1.0] + [1.0] * (steps - 2)
+    # each pilot reads the data in its own order, unless the plan shares the recipe's
+    assert [P.pilot_recipe(recipe, p).train.seed for p in pilots] == [0, 1, 2, 3, 4]
+    shared = demo("plan={seeds: shared}", "train.seed=7")
+    assert {P.pilot_recipe(shared, p).train.seed for p in P.pilot_variants(shared)} == {7}
 
 
 def test_read_points_keeps_the_trained_weights_evaluations(tmp_path):

@@ -102,6 +102,10 @@ class PlanConfig(Section):
     checkpoint_every: int | None = Field(default=None, ge=1)
     """Steps between a pilot's checkpoints, from which an interrupted pilot resumes. Default: a quarter of a fitted
     pilot's steps."""
+    seeds: Literal["per_pilot", "shared"] = "per_pilot"
+    """`per_pilot`: pilot i trains with `train.seed + i`, so each reads the data in its own order and the bump a
+    batch makes lands at another step in each, where the fit averages it out; `shared`: every pilot reads the
+    recipe's order, and a bump that bends every curve at the same step bends the fitted law with them."""
     lr: float | None = Field(default=None, gt=0)
     """The pilots' constant learning rate, and the planned run's peak. Default: `train.lr`."""
     restarts: int = Field(default=8, ge=1)

@@ -64,20 +64,22 @@ def pilot_variants(recipe: Recipe) -> list[Pilot]:
     if plan.validation is not None:
         runs.append((plan.validation.ratio, plan.validation.tokens or plan.pilot_tokens, True))
     pilots = []
-    for ratio, tokens, validation in runs:
+    for index, (ratio, tokens, validation) in enumerate(runs):
         weights = pilot_weights(recipe, ratio)
         name = ("validate-" if validation else "") + _name(ratio)
         share = _target_share(recipe, weights) if isinstance(ratio, dict) else ratio
         pilots.append(Pilot(name, share, tokens, weights,
-                            tuple(pilot_overrides(recipe, weights, tokens, validation)),
+                            tuple(pilot_overrides(recipe, weights, tokens, validation, index)),
                             dict(ratio) if isinstance(ratio, dict) else {}, validation))
     if len({p.name for p in pilots}) != len(pilots):
         raise RecipeError("plan.ratios: two pilots would get the same folder name; rename the varied sources")
     return pilots
 
 
-def pilot_overrides(recipe: Recipe, weights: dict[str, float], tokens: int, validation: bool = False) -> list[str]:
-    """The recipe overrides of one pilot: its mixture and length, a constant learning rate after warmup, its
+def pilot_overrides(recipe: Recipe, weights: dict[str, float], tokens: int, validation: bool = False,
+                    index: int = 0) -> list[str]:
+    """The recipe overrides of one pilot (the `index`-th): its mixture and length, its seed (`plan.seeds`), a
+    constant learning rate after warmup, its
     evaluations of the text sets (the laws fit bits per byte: no choice sets, harness tasks, generations or logit
     lens), its checkpoints (one kept: it only serves to resume an interrupted pilot); no EMA, merge or plan (a
     pilot's curve follows the trained weights, and it is only trained)."""
@@ -86,7 +88,8 @@ def pilot_overrides(recipe: Recipe, weights: dict[str, float], tokens: int, vali
     return overrides + ["train.ema=null", "merge=null", f"eval.every={'null' if validation else eval_every(recipe)}",
                         "eval.choice={}", "eval.harness.tasks=[]", "eval.generate.prompts={}", "eval.lens.text={}",
                         f"train.checkpoint_every={pilot_checkpoint_every(recipe)}",
-                        "train.keep_checkpoints=1"]
+                        "train.keep_checkpoints=1",
+                        f"train.seed={recipe.train.seed + (index if plan_of(recipe).seeds == 'per_pilot' else 0)}"]
 
 
 def _training(recipe: Recipe, weights: dict[str, float], tokens: int, schedule: dict) -> list[str]:
