@@ -483,3 +483,24 @@ def test_untie_gives_the_head_its_own_rows_and_plain_transformers_loads_it(tmp_p
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=torch.tensor([[1, 2, 305, 310]])).logits, logits)
 
+
+
+def test_word_bits_add_up_to_bits_per_byte(tiny_model_dir):
+    """bench/vocab_words.py gives each word the bits of its tokens: over the words they sum to the set's bits per
+    byte as `graft eval` scores it, with and without spaces, diacritics and a trailing space."""
+    from bench.vocab_words import word_bits, word_spans
+    from graftlm.evaluate.bpb import TextSet, bits_per_byte
+    from graftlm.evaluate.scoring import start_token_id
+    from graftlm.models import load_model, load_tokenizer
+
+    texts = ["Xin chào thế giới, đây là   một câu.", "plain ascii words ", "  leading space"]
+    bits, pieces = word_bits(tiny_model_dir, texts)
+    assert [len(b) for b in bits] == [len(word_spans(t)) for t in texts] == [len(p) for p in pieces]
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    assert [sum(p, []) for p in pieces] == ids
+    text_set = TextSet("t", ids, [len(t.encode("utf-8")) for t in texts], [1] * len(texts))
+    model = load_model(str(tiny_model_dir), dtype=torch.float32)
+    start = start_token_id(tokenizer)
+    expected = bits_per_byte(model, text_set, start, start, 64)["bpb"]
+    assert sum(b.sum() for b in bits) / sum(text_set.bytes) == pytest.approx(expected, rel=1e-5)
