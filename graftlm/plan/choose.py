@@ -34,6 +34,11 @@ TOKEN_GRID = 64
 """Token counts (log-spaced from the first evaluation to the budget) at which the tolerance is checked."""
 MIXTURE_GRID = 41
 """Values of each varied share tried between its smallest and largest pilot value (Data Mixing Laws)."""
+MAX_RMSE_SHARE = 0.2
+"""The default `plan.max_rmse_bpb`: this share of the tolerance. A fit this close decides the share within a fifth
+of the tolerance. Each pilot reads the data in its own order (`plan.seeds`), so its batches' bumps are residuals
+of the fit rather than a bend shared by every curve: about 0.002 bpb in English in the demo's pilots, which a
+tenth of the tolerance (0.002) refused at R² 0.895, although that fit met the validation pilot within 0.8 %."""
 
 
 @dataclass(frozen=True)
@@ -122,7 +127,7 @@ def make_plan(config: PlanConfig, points: list[Point], target: str,
                         "hold its bits per byte within the tolerance")
     base = base_bpb(points)
     allowed = {s: config.tolerance.allowed(base[s]) for s in sets}
-    max_rmse = {s: config.max_rmse_bpb or allowed[s] / 10 for s in sets}
+    max_rmse = {s: config.max_rmse_bpb or allowed[s] * MAX_RMSE_SHARE for s in sets}
     names = ["d-cpt", "cmr"] if config.law == "both" else [config.law]
     laws, refusals = {}, []
     for name in names:

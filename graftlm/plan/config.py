@@ -114,7 +114,7 @@ class PlanConfig(Section):
     """A fit whose R² is below this, with errors above `max_rmse_bpb`, is refused: the plan is not made."""
     max_rmse_bpb: float | None = Field(default=None, gt=0)
     """The root-mean-square error, in bits per byte, below which a fit is accepted whatever its R² (a nearly flat
-    curve has a low R² and still decides nothing wrongly). Default: a tenth of the tolerance."""
+    curve has a low R² and still decides nothing wrongly). Default: a fifth of the tolerance."""
 
     @field_validator("vary")
     @classmethod
