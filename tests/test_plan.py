@@ -87,6 +87,21 @@ def test_dcpt_predicts_far_past_the_pilots_of_the_default_plan():
             assert predicted[name][0] == pytest.approx(true, rel=0.01)
 
 
+def test_exponents_on_their_bounds_are_reported():
+    """Curves that are straight lines in log tokens and in log shares: D-CPT turns power laws into logarithms by
+    taking exponents to their bounds (C/(r + ε)^γ with γ → 0 is C − C·γ·ln(r + ε), E cancelling C), and says so."""
+    def world(ratio, tokens):
+        return {"vi": 2.0 - 0.1 * ratio * np.log(tokens / 1000), "en": 1.0 + 0.001 * (1 - ratio) * np.log(tokens)}
+
+    points = measure(world, [0.5, 0.7, 0.85, 1.0], [3750 * j for j in range(2, 9)], noise=1e-4)
+    law = fit_dcpt(points, "vi")
+    assert law.at_bounds()["vi"]["gamma"][1] == 0.0
+    # in a D-CPT world the token exponents stay free (four shares leave ε, the share offset, at its bound)
+    bounded = fit_dcpt(measure(dcpt_world, [0.5, 0.7, 0.85, 1.0], [3750 * j for j in range(1, 9)], noise=5e-4),
+                       "vi").at_bounds()
+    assert not any("beta" in b or "gamma" in b for b in bounded.values())
+
+
 def test_cmr_fit_recovers_each_pilots_curves():
     true = {0.5: ((-0.3, 0.4, -0.1), (-0.004, -0.5, -0.03, 0.5, 0.04)),
             0.8: ((-0.35, 0.35, -0.15), (-0.006, -0.5, -0.02, 0.6, 0.05))}

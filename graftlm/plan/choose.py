@@ -97,6 +97,8 @@ class Plan:
         validation = self.validation
         out = {
             "law": self.law.name, "params": self.law.params(), "fit": _fit_json(self.law),
+            "at_bounds": {name: {p: {"value": v, "bound": b} for p, (v, b) in bounds.items()}
+                          for name, bounds in self.law.at_bounds().items()},
             "predictions": self.predictions(validation and validation["ratio"], validation and validation["tokens"]),
             "chosen": {"ratio": self.chosen.ratio, "budget_tokens": self.chosen.budget_tokens,
                        "predicted_target_bpb": self.chosen.target_bpb,

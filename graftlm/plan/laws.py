@@ -59,6 +59,8 @@ HUBER_K = 1.345
 """f_scale = HUBER_K · σ̂ (Huber's tuning constant for 95% Gaussian efficiency)."""
 MIN_F_SCALE = 1e-4
 """The smallest Huber scale, in bits per byte."""
+BOUND_SLACK = 1e-3
+"""An exponent within this share of its range from a bound is on the bound."""
 MAX_HUBER_STEPS = 100
 """Function evaluations of a Huber refinement (it starts at a least-squares optimum: near, unless a flat valley of
 nearly interchangeable parameters lets it crawl)."""
@@ -140,6 +142,17 @@ class Curve:
     def values(self) -> dict[str, float]:
         return {**dict(zip(self.form.linear, map(float, self.coef))),
                 **dict(zip(self.form.exponents, map(float, self.theta)))}
+
+    def at_bounds(self) -> dict[str, tuple[float, float]]:
+        """The exponents that ended on a bound of theirs ({name: (value, bound)}): there the law's form is not
+        what the data decided. A D-CPT β at 0, say, makes B/D^β ≈ B − B·β·ln D: the curve is a straight line in
+        log tokens, its floor E is not identified, and it keeps falling past the pilots."""
+        out = {}
+        for name, value, (low, high) in zip(self.form.exponents, self.theta, self.form.bounds):
+            for bound in (low, high):
+                if abs(value - bound) <= BOUND_SLACK * (high - low):
+                    out[name] = (float(value), bound)
+        return out
 
 
 def fit_curve(form: Form, x: np.ndarray, y: np.ndarray, restarts: int, what: str) -> Curve:
@@ -325,6 +338,9 @@ class DcptLaw:
     def quality(self) -> dict[str, Quality]:
         return {name: c.quality for name, c in self.curves.items()}
 
+    def at_bounds(self) -> dict[str, dict[str, tuple[float, float]]]:
+        return {name: bounds for name, c in self.curves.items() if (bounds := c.at_bounds())}
+
     def params(self) -> dict:
         out = {}
         for name, curve in self.curves.items():
@@ -356,6 +372,10 @@ class CmrLaw:
     @property
     def quality(self) -> dict[str, Quality]:
         return {name: pooled_quality(list(by_ratio.values())) for name, by_ratio in self.curves.items()}
+
+    def at_bounds(self) -> dict[str, dict[str, tuple[float, float]]]:
+        return {f"{name} at share {ratio:g}": bounds for name, by_ratio in self.curves.items()
+                for ratio, c in by_ratio.items() if (bounds := c.at_bounds())}
 
     def params(self) -> dict:
         out = {}
@@ -392,6 +412,9 @@ class MixingLaw:
     @property
     def quality(self) -> dict[str, Quality]:
         return {name: c.quality for name, c in self.curves.items()}
+
+    def at_bounds(self) -> dict[str, dict[str, tuple[float, float]]]:
+        return {name: bounds for name, c in self.curves.items() if (bounds := c.at_bounds())}
 
     def params(self) -> dict:
         out = {}

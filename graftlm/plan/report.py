@@ -50,6 +50,10 @@ def summary(data: dict) -> str:
             f"{chosen['predicted_target_bpb']:.4f} bpb, {sources}")
     if chosen["extrapolated"]:
         line += f"; extrapolated past the pilots' {max(p['max_tokens'] for p in data['pilots']):,} tokens"
+    for name, bounds in data.get("at_bounds", {}).items():
+        line += (f"\n{name}: " + ", ".join(f"{p} {b['value']:.3g} at its bound {b['bound']:g}"
+                                           for p, b in bounds.items())
+                 + " (not decided by the pilots: there the law's form is an assumption)")
     v = data["validation"]
     if v:
         line += "\nvalidation at " + _share(v["ratio"]) + f", {v['tokens']:,} tokens: " + ", ".join(

@@ -31,7 +31,7 @@ from graftlm.runs import RunDir, fingerprint, read_json
 from graftlm.stage import Stage, bring_up_to_date, link_prepared
 from graftlm.train.stage import open_packed
 
-PLAN_FORMAT = 1
+PLAN_FORMAT = 2
 """Bumped when the plan's outputs change, so that older plans are made again."""
 PLAN_FILES = ("plan.json", "recipe.yaml", "report.html")
 
