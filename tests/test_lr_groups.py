@@ -91,7 +91,7 @@ def test_new_rows_move_exactly_their_multiple_of_the_update(make_run):
     """One step from the same start and batch, new rows at 10× against 1×: the new rows' update is 10 times as
     large, every other weight gets the same update."""
     _, recipe, run = make_run("train.max_steps=1", "train.lr_groups={new_rows: 10.0}")
-    _, plain_recipe, plain = make_run("train.max_steps=1", runs="plain")
+    _, plain_recipe, plain = make_run("train.max_steps=1", "train.lr_groups={new_rows: 1.0}", runs="plain")
     train(recipe, run)
     train(plain_recipe, plain)
     start = load_file(run.base / "model.safetensors")
