@@ -80,8 +80,9 @@ def pilot_overrides(recipe: Recipe, weights: dict[str, float], tokens: int, vali
                     index: int = 0) -> list[str]:
     """The recipe overrides of one pilot (the `index`-th): its mixture and length, its seed (`plan.seeds`), a
     constant learning rate after warmup, its evaluations of the text sets (the laws fit bits per byte: no choice
-    sets, harness tasks, generations or logit lens), its checkpoints (one kept: it only serves to resume an interrupted pilot); no EMA, merge or plan (a
-    pilot's curve follows the trained weights, and it is only trained)."""
+    sets, harness tasks, generations or logit lens), its checkpoints (one kept: it only serves to resume an
+    interrupted pilot); no EMA, merge or plan (a pilot's curve follows the trained weights, and it is only
+    trained)."""
     overrides = _training(recipe, weights, tokens, {"name": "constant", "warmup_steps": pilot_warmup(recipe)})
     # the validation pilot only needs its last point; the fitted pilots their whole curves
     return overrides + ["train.ema=null", "merge=null", f"eval.every={'null' if validation else eval_every(recipe)}",
