@@ -69,4 +69,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from graftlm.errors import GraftError
+
+    try:
+        main()
+    except GraftError as e:
+        sys.exit(f"plan_backtest: {e}")

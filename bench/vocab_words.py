@@ -122,6 +122,7 @@ def times_read(run, source: str, counts: np.ndarray) -> np.ndarray:
 def main() -> None:
     from graftlm.data.config import SourceConfig
     from graftlm.data.read import read_documents
+    from graftlm.languages import fertility_unit
     from graftlm.recipe import load_recipe
     from graftlm.runs import RunDir
     from graftlm.vocab.init import vocab_rows
@@ -132,6 +133,9 @@ def main() -> None:
     parser.add_argument("--max-documents", type=int, default=None, help="the first N documents (default: the "
                                                                        "recipe's eval.max_documents)")
     args = parser.parse_args()
+    for root in args.runs:
+        if not (root / "recipe.yaml").is_file():
+            sys.exit(f"vocab_words: {root}: not a run directory (no recipe.yaml)")
     reference = next((RunDir(r) for r in args.runs if vocab_rows(RunDir(r).start_model) is not None), None)
     if reference is None:
         sys.exit("vocab_words: no run starts from a vocabulary-extended model")
@@ -139,6 +143,9 @@ def main() -> None:
     name = args.text or recipe.target_language
     path = recipe.eval.text[name]
     limit = args.max_documents or recipe.eval.max_documents
+    if fertility_unit(name) == "character":
+        print(f"vocab_words: {name} is written without spaces: each group holds whole space-separated runs "
+              f"(phrases or sentences), so the split by token frequency is coarse", file=sys.stderr)
     texts = list(read_documents(SourceConfig(paths=[str(path)], txt_documents="line", max_documents=limit)))
     added = vocab_rows(reference.start_model)
     source = target_source(reference)
