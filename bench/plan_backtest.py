@@ -1,9 +1,10 @@
 """How far a plan's law can be trusted past its pilots, measured on the pilots themselves: fit each law to every
 pilot's points up to a cut, predict each pilot's last point, and print the relative errors.
 
-    .venv/bin/python bench/plan_backtest.py RUN_DIR/plan [--cuts 16384,20480,24576] [--law d-cpt]
+    .venv/bin/python bench/plan_backtest.py RUN_DIR/plan [--recipe RECIPE] [--cuts 16384,20480] [--law d-cpt]
 
-RUN_DIR is a `graft plan` run (its recipe.yaml says which pilots there are; the pilots must be trained). The
+RUN_DIR is a `graft plan` run whose pilots are trained; RECIPE the recipe planned (default: RUN_DIR/recipe.yaml,
+which the planned recipe replaces once it is trained there: then name the original, e.g. recipes/plan-vi.yaml). The
 points fitted are those the plan fits (after `plan.fit_after_tokens`) up to each cut; the validation pilot is left
 out. A law that is biased (optimistic, say) shows errors of one sign; one that only meets noise, both signs.
 """
@@ -30,11 +31,16 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("plan", type=Path, help="runs/<name>/plan")
+    parser.add_argument("--recipe", type=Path, help="the recipe planned (default: RUN_DIR/recipe.yaml)")
     parser.add_argument("--cuts", default=None, help="token counts to fit up to (default: every evaluation from "
                                                      "half the pilots' length to the one before the last)")
     parser.add_argument("--law", default=None, help="d-cpt or cmr (default: the recipe's plan.law)")
     args = parser.parse_args()
-    recipe = load_recipe(args.plan.parent / "recipe.yaml")
+    recipe_path = args.recipe or args.plan.parent / "recipe.yaml"
+    recipe = load_recipe(recipe_path)
+    if recipe.plan is None:
+        sys.exit(f"plan_backtest: {recipe_path} has no plan: section (the planned recipe replaced it?): name the "
+                 f"recipe planned with --recipe")
     law_name = args.law or recipe.plan.law
     after = fit_after_tokens(recipe)
     pilots = [p for p in pilot_variants(recipe) if not p.validation]
