@@ -23,6 +23,16 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 BUCKETS = ((0, 0), (1, 9), (10, 99), (100, 999), (1000, None))
+
+
+def bucket_label(low: int, high: int | None) -> str:
+    return f"{low}" if high == low else f"{low}-{high if high is not None else ''}"
+
+
+def bucket_of(count: float) -> int:
+    """The index in BUCKETS of a count (rounded)."""
+    count = round(count)
+    return next(i for i, (low, high) in enumerate(BUCKETS) if count >= low and (high is None or count <= high))
 WEIGHTS = ("model.embed_tokens.weight", "lm_head.weight")
 
 
@@ -52,7 +62,7 @@ def moved(start: Path, end: Path, counts: np.ndarray, first_new: int, new_rows: 
                     chosen = ids[(c >= low) & ((c <= high) if high is not None else True)]
                     if len(chosen):
                         rows.append({"weight": name.split(".")[-2], "rows": kind,
-                                     "count": f"{low}" if high == low else f"{low}-{high if high else ''}",
+                                     "count": bucket_label(low, high),
                                      "tokens": len(chosen), "moved": float(distance[chosen].mean())})
     return rows
 

@@ -25,7 +25,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.vocab_rows import BUCKETS, target_source, token_counts  # noqa: E402
+from bench.vocab_rows import BUCKETS, bucket_label, bucket_of, target_source, token_counts  # noqa: E402
 
 
 def word_spans(text: str) -> list[tuple[int, int]]:
@@ -56,30 +56,38 @@ def word_of_tokens(text: str, offsets: list[tuple[int, int]], spans: list[tuple[
     return words
 
 
-def token_bits(model, ids: list[int], start_id: int) -> np.ndarray:
+def token_bits(model, ids: list[int], start_id: int, max_length: int) -> np.ndarray:
+    """−log₂ p of each token, the document from the start token and cut into `graft eval`'s windows."""
     import torch
 
+    from graftlm.evaluate.bpb import windows
+
+    bits = []
     with torch.no_grad():
-        logits = model(torch.tensor([[start_id, *ids]])).logits[0, :-1].float()
-        logp = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(ids)[:, None])[:, 0]
-    return (-logp / np.log(2)).numpy()
+        for span in windows([start_id, *ids], max_length):
+            logits = model(torch.tensor([span.ids])).logits[0, span.first - 1:-1].float()
+            targets = torch.tensor(span.ids[span.first:])[:, None]
+            bits.append(-torch.log_softmax(logits, dim=-1).gather(1, targets)[:, 0] / np.log(2))
+    return torch.cat(bits).numpy()
 
 
-def word_bits(model_dir: Path, texts: list[str]) -> tuple[list[np.ndarray], list[list[list[int]]]]:
-    """Per document, the bits of each word, and the ids of the tokens of each word, under one model."""
-    from graftlm.evaluate.scoring import start_token_id
+def word_bits(model_dir: Path, texts: list[str],
+              max_length: int | None = None) -> tuple[list[np.ndarray], list[list[list[int]]]]:
+    """Per document, the bits of each word, and the ids of the tokens of each word, under one model (windows of
+    `max_length` tokens, default the model's context as `graft eval` takes it)."""
+    import torch
+
+    from graftlm.evaluate.scoring import context_length, start_token_id
     from graftlm.models import load_model, load_tokenizer
 
-    import torch
-
     model, tokenizer = load_model(str(model_dir), dtype=torch.float32).eval(), load_tokenizer(str(model_dir))
-    start_id = start_token_id(tokenizer)
+    start_id, max_length = start_token_id(tokenizer), context_length(model, max_length)
     bits, pieces = [], []
     for text in texts:
         spans = word_spans(text)
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         words = word_of_tokens(text, encoded["offset_mapping"], spans)
-        per_token = token_bits(model, encoded["input_ids"], start_id)
+        per_token = token_bits(model, encoded["input_ids"], start_id, max_length)
         per_word, ids = np.zeros(len(spans)), [[] for _ in spans]
         for token, word, b in zip(encoded["input_ids"], words, per_token):
             per_word[word] += b
@@ -100,10 +108,8 @@ def groups(pieces: list[list[list[int]]], first_new: int, read: np.ndarray) -> l
             if not new:
                 labels.append((-1, "base tokens only"))
                 continue
-            rarest = round(min(new))
-            i, (low, high) = next((i, b) for i, b in enumerate(BUCKETS) if rarest >= b[0] and (b[1] is None or
-                                                                                              rarest <= b[1]))
-            labels.append((i, f"new, rarest read {low}" + ("" if high == low else f"-{high if high else ''}")))
+            i = bucket_of(min(new))
+            labels.append((i, f"new, rarest read {bucket_label(*BUCKETS[i])}"))
         out.append(labels)
     return out
 
@@ -146,7 +152,8 @@ def main() -> None:
     if fertility_unit(name) == "character":
         print(f"vocab_words: {name} is written without spaces: each group holds whole space-separated runs "
               f"(phrases or sentences), so the split by token frequency is coarse", file=sys.stderr)
-    texts = list(read_documents(SourceConfig(paths=[str(path)], txt_documents="line", max_documents=limit)))
+    texts = list(read_documents(SourceConfig(paths=[str(path)], text_field=recipe.eval.text_field,
+                                             txt_documents="line", max_documents=limit)))
     added = vocab_rows(reference.start_model)
     source = target_source(reference)
     read = times_read(reference, source, token_counts(reference.packed / source, added.rows))
@@ -171,11 +178,11 @@ def main() -> None:
     for number, root in enumerate(args.runs, 1):
         print(f"  {number}: {root}")
     print(f"{'group':<28}{'share':>7}" + "".join(f"{c:>9}" for c in columns))
+    flat_bits = [np.concatenate(bits) for bits in columns.values()]
     for group in [*sorted(order, key=order.get), "all"]:
         chosen = np.ones(len(flat), bool) if group == "all" else flat == group
         row = f"{group:<28}{word_bytes[chosen].sum() / word_bytes.sum():>7.1%}"
-        for bits in columns.values():
-            row += f"{np.concatenate(bits)[chosen].sum() / word_bytes[chosen].sum():>9.4f}"
+        row += "".join(f"{bits[chosen].sum() / word_bytes[chosen].sum():>9.4f}" for bits in flat_bits)
         print(row)
 
 

@@ -102,7 +102,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 if logits.dtype != torch.float32:
                     logits[rows] = x
             total += token_loss.sum()
-            grad_logits = logits  # (overwritten above)
+            grad_logits = logits  # the same tensor: the loop above wrote each row's gradient over its logits
             grad_hidden[start:start + chunk] = (grad_logits @ w).to(hidden.dtype)
             for v in vocab_slices:
                 if one_chunk:
