@@ -147,6 +147,9 @@ def main() -> None:
         sys.exit("vocab_words: no run starts from a vocabulary-extended model")
     recipe = load_recipe(reference.root / "recipe.yaml")
     name = args.text or recipe.target_language
+    if name not in recipe.eval.text:
+        sys.exit(f"vocab_words: {reference.root / 'recipe.yaml'}: eval.text has no set '{name}' "
+                 f"(it has {', '.join(recipe.eval.text) or 'none'})")
     path = recipe.eval.text[name]
     limit = args.max_documents or recipe.eval.max_documents
     if fertility_unit(name) == "character":
