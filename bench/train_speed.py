@@ -19,7 +19,10 @@ The ceiling is what this machine could reach if every FLOP ran at its matmul rat
 token, N the parameters that take part in matrix products (the input embedding only when it is the tied output
 layer), attention 6·layers·seq·(heads·head_dim) (QKᵀ and AV, forward and backward, causal: half the square). The
 rate is measured in each contender's process, before and after its steps, on the model's own MLP shape and on a
-square product (the better of the two).
+square product (the better of the two). The row "products only" runs nothing but the step's linear-layer products
+(forward, gradient of the input, gradient of the weight, on random tensors of the step's shapes) and adds the
+attention's FLOPs at that rate: the share of the ceiling it reaches is the most a loop built on these product kernels
+can reach, whatever it does around them (`--no-products` skips it).
 Targets (CPU): graftlm >= 1.5x the Trainer, >= 70 % of the ceiling, peak RSS < 6 GiB.
 """
 
@@ -132,6 +135,35 @@ def worker_trainer(run_root: Path, args: dict, overrides: list[str], clock: Step
         Trainer(model=model, args=targs, train_dataset=dataset, callbacks=[StepTimer()]).train()
 
 
+def worker_products(run_root: Path, args: dict, overrides: list[str], clock: StepClock) -> None:
+    """Only the matrix products of the linear layers (the output layer included) that a training step runs, forward
+    and backward, on random tensors of the step's shapes in its precision, with the attention's FLOPs added at the
+    matmul rate measured before: the speed of a step that did nothing but these products, the most any loop using
+    these product kernels can reach."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(run_root / "base")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    dtype = torch.bfloat16 if args["bf16"] else torch.float32
+    tokens = args["micro_batch"] * args["seq_len"]
+    layers = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    tensors = {shape: (torch.randn(tokens, shape[0], dtype=dtype, device=args["device"]),
+                       torch.randn(shape[1], shape[0], dtype=dtype, device=args["device"]),
+                       torch.randn(tokens, shape[1], dtype=dtype, device=args["device"])) for shape in set(layers)}
+    _, attention, _, _ = flops_per_token(run_root / "base", args["seq_len"])
+    attention_s = attention * args["batch_tokens"] / args["matmul_rate"]  # per step
+    for _ in range(args["steps"]):
+        for _ in range(args["batch_tokens"] // tokens):
+            for shape in layers:
+                x, w, g = tensors[shape]
+                x @ w.T, g @ w, g.T @ x  # forward, gradient of the input, gradient of the weight
+        clock.tick()
+        wall, cpu = clock.steps[-1]
+        clock.steps[-1] = (wall + attention_s, cpu * (1 + attention_s / wall))
+
+
 def matmul_rate(device: str, bf16: bool, tokens: int, hidden: int, intermediate: int) -> tuple[float, float]:
     """Matrix-product FLOP per wall second and per CPU second on `device` in bf16 (or fp32): the better of the
     model's MLP product and a square one."""
@@ -169,6 +201,7 @@ def worker(name: str, run_root: str, args: dict, overrides: list[str], shapes: t
     import torch
 
     rates = [matmul_rate(args["device"], args["bf16"], *shapes)]
+    args = dict(args, matmul_rate=rates[0][0])
     clock = StepClock()
     globals()[f"worker_{name}"](Path(run_root), args, overrides, clock)
     rates.append(matmul_rate(args["device"], args["bf16"], *shapes))
@@ -231,6 +264,9 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:train.KEY=VALUE,...",
                         help="graftlm with more overrides, measured beside it")
     parser.add_argument("--no-trainer", action="store_true", help="only graftlm and its variants")
+    parser.add_argument("--no-products", action="store_true",
+                        help="skip the products-only row (the step's linear-layer products alone: the most a loop "
+                             "on these kernels can reach)")
     parser.add_argument("--threads", type=int, default=None,
                         help="OMP_NUM_THREADS for every contender (default: torch's own, one per core)")
     args = parser.parse_args()
@@ -247,6 +283,8 @@ def main() -> None:
     contenders = [("graftlm", "graftlm", args.overrides)]
     if not args.no_trainer:
         contenders.append(("HF Trainer", "trainer", []))
+    if not args.no_products:
+        contenders.append(("products only", "products", []))
     for variant in args.variant:
         label, _, sets = variant.partition(":")
         contenders.append((f"  {label}", "graftlm", args.overrides + [s for s in sets.split(",") if s]))

@@ -26,7 +26,10 @@ def step_gradients(model, loss_module, tokens, per_step_casts: bool, precision: 
     """One optimizer step's gradients over micro-batches of 2, as the training loop accumulates them."""
     cfg = TrainConfig(precision=precision)
     model.zero_grad(set_to_none=True)
-    with weight_casts_per_step(cfg, CPU) if per_step_casts else contextlib.nullcontext():
+    with contextlib.ExitStack() as casts:
+        if per_step_casts:  # as TrainModule does: autocast's casts and the chunked loss's cast of the head
+            casts.enter_context(weight_casts_per_step(cfg, CPU))
+            casts.enter_context(loss_module.casts_per_step())
         for micro in tokens.split(2):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
                 loss = loss_module(micro[:, :-1], micro[:, 1:])
@@ -49,9 +52,9 @@ def test_weight_casts_once_per_step_give_bit_identical_gradients_and_fewer_casts
         if per_step:
             assert all(torch.equal(a, b) for a, b in zip(reference, grads))
         reference = grads
-    # the weights autocast casts: every linear layer's (the chunked loss casts the head's itself)
-    autocast_weights = sum(isinstance(m, torch.nn.Linear) for m in model.modules()) - chunked
-    assert counts[0] - counts[1] == 2 * autocast_weights  # three micro-batches: two casts saved per weight
+    # every linear layer's weight, the head's too (cast by autocast, or by the chunked loss itself)
+    weights = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert counts[0] - counts[1] == 2 * weights  # three micro-batches: two casts saved per weight
 
 
 def test_weight_casts_once_per_step_under_lora_are_bit_identical():

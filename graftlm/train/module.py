@@ -146,12 +146,15 @@ class TrainModule:
                     distilled += loss_module.distill_part.float() * weight
         return total, distilled
 
-    def _weight_casts(self):
-        """One bf16 cast of each weight per step, shared by its micro-batches: not under FSDP, whose units gather
-        and free their weights per micro-batch (a cache across them would hold the whole model gathered)."""
-        if isinstance(self.sharding, FullyShard):
-            return contextlib.nullcontext()
-        return weight_casts_per_step(self.cfg, self.accelerator.device)
+    def _weight_casts(self) -> contextlib.ExitStack:
+        """One bf16 cast of each weight per step, shared by its micro-batches (autocast's, and the chunked loss's
+        of the output weight): not under FSDP, whose units gather and free their weights per micro-batch (a cache
+        across them would hold the whole model gathered)."""
+        casts = contextlib.ExitStack()
+        if not isinstance(self.sharding, FullyShard):
+            casts.enter_context(weight_casts_per_step(self.cfg, self.accelerator.device))
+            casts.enter_context(self.sharding.unwrap(self._wrapped).casts_per_step())
+        return casts
 
     def autocast(self):
         return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16,
