@@ -246,14 +246,36 @@ def test_threads_are_set():
         torch.set_num_threads(before)
 
 
-def test_compile_auto_is_off_on_cpu_and_on_on_cuda():
-    from graftlm.train.speed import compile_enabled
+def test_compile_auto_is_on_on_cuda_and_on_a_cpu_only_where_it_pays(monkeypatch):
+    from graftlm.train import speed
+    from graftlm.train.speed import COMPILE_PAYS_S, compile_enabled
 
-    assert not compile_enabled(TrainConfig(), CPU)
-    assert compile_enabled(TrainConfig(), torch.device("cuda"))
+    bf16, fp32 = TrainConfig(precision="bf16"), TrainConfig(precision="fp32")
+    assert compile_enabled(bf16, torch.device("cuda"))
+    monkeypatch.setattr(speed, "_has_cpp_compiler", lambda: True)
+    assert compile_enabled(bf16, CPU, COMPILE_PAYS_S)
+    assert not compile_enabled(bf16, CPU, COMPILE_PAYS_S - 1)  # a short training would not win back the cost
+    assert not compile_enabled(bf16, CPU, None)  # several processes: not estimated
+    assert not compile_enabled(fp32, CPU, 10 * COMPILE_PAYS_S)  # not measured in fp32
     assert compile_enabled(TrainConfig(compile=True), CPU)
+    assert not compile_enabled(TrainConfig(precision="bf16", compile=False), CPU, 10 * COMPILE_PAYS_S)
+    monkeypatch.setattr(speed, "_has_cpp_compiler", lambda: False)  # inductor needs one on a CPU
+    assert not compile_enabled(bf16, CPU, 10 * COMPILE_PAYS_S)
     with pytest.raises(ValueError):
         TrainConfig(compile="sometimes")
+
+
+def test_the_estimate_for_compile_auto_is_the_trainings_flops_at_the_peak():
+    from types import SimpleNamespace
+
+    from graftlm.train.flops import flops_per_token, peak_flops
+    from graftlm.train.stage import _estimated_seconds
+
+    model, cfg = tiny_llama(), TrainConfig(precision="bf16", max_tokens=40_000, batch_tokens=4096, seq_len=256)
+    alone, two = SimpleNamespace(device=CPU, num_processes=1), SimpleNamespace(device=CPU, num_processes=2)
+    expected = flops_per_token(model.config, 256, model=model) * 10 * 4096 / peak_flops(CPU, bf16=True)
+    assert _estimated_seconds(model, cfg, alone) == pytest.approx(expected)
+    assert _estimated_seconds(model, cfg, two) is None
 
 
 def test_compiled_code_goes_to_graftlms_cache_unless_the_user_chose_one(monkeypatch, tmp_path):
@@ -275,7 +297,9 @@ def test_compiled_code_goes_to_graftlms_cache_unless_the_user_chose_one(monkeypa
 @pytest.mark.slow
 def test_compiled_blocks_train_close_to_eager_and_evaluate_eagerly():
     """Slow the first time only: compiled code goes to the persistent cache (speed.compile_cache_dir)."""
-    from graftlm.evaluate.scoring import Span, log_likelihoods
+    import torch._dynamo.utils
+
+    from graftlm.evaluate.scoring import Span, eval_mode, log_likelihoods
 
     tokens = torch.randint(0, 300, (2, 17))
     reference, model = tiny_llama(), tiny_llama()
@@ -292,4 +316,8 @@ def test_compiled_blocks_train_close_to_eager_and_evaluate_eagerly():
     grads = [[p.grad for p in m.parameters()] for m in (reference, model)]
     assert all(torch.allclose(a, b, rtol=0.05, atol=1e-3) for a, b in zip(*grads))
     spans = [Span(list(range(1, n)), 1) for n in (9, 12, 15)]  # three shapes: compiled, they would recompile
+    torch._dynamo.utils.counters.clear()
     assert log_likelihoods(model, spans, 0) == pytest.approx(log_likelihoods(reference, spans, 0), rel=1e-6)
+    with torch.no_grad(), eval_mode(model):  # generation and the lens: every new token a new shape
+        model.generate(input_ids=tokens[:1, :5], max_new_tokens=4, do_sample=False)
+    assert not torch._dynamo.utils.counters["stats"]["unique_graphs"]  # nothing compiled: all ran eagerly

@@ -75,8 +75,7 @@ def log_likelihoods(model: "PreTrainedModel", spans: Sequence[Span], pad_id: int
     device = next(model.parameters()).device
     order = sorted(range(len(spans)), key=lambda i: len(spans[i].ids), reverse=True)
     done = 0
-    # torch.compile'd training blocks (train.compile) run eagerly here: evaluation shapes vary batch to batch
-    with torch.no_grad(), eval_mode(model), precision(dtype, device), torch.compiler.set_stance("force_eager"):
+    with torch.no_grad(), eval_mode(model), precision(dtype, device):
         for rows in span_batches(order, spans, batch_size):
             for i, total in zip(rows, _score_batch(model, [spans[i] for i in rows], pad_id, device)):
                 results[i] = total
@@ -165,10 +164,15 @@ def _forward_parameters(model: "PreTrainedModel") -> set[str]:
 
 @contextlib.contextmanager
 def eval_mode(model: "PreTrainedModel") -> Iterator[None]:
+    """The model in eval mode, and torch.compile'd training blocks (train.compile) run eagerly: scoring,
+    generation and the lens change shapes batch to batch and token to token, each a recompilation."""
+    import torch
+
     was_training = model.training
     model.eval()
     try:
-        yield
+        with torch.compiler.set_stance("force_eager"):
+            yield
     finally:
         model.train(was_training)
 

@@ -12,8 +12,9 @@
   without its copies (`matmul_attention`).
 - `train.compile`: torch.compile of each transformer block (the blocks share one compiled graph). Compiled code
   goes to a persistent cache (TORCHINDUCTOR_CACHE_DIR, default ~/.cache/graftlm/torch-compile), so only the first
-  run of a shape pays the compilation. `auto`: on CUDA only; it changes rounding (fused elementwise kernels), so it
-  is off where runs must repeat the uncompiled ones bit for bit.
+  run of a shape pays the compilation. `auto`: on CUDA; on a CPU in bf16 where it pays (`compile_enabled`), and
+  there a block that fails to compile runs eagerly instead. It changes rounding (fused elementwise kernels), so a
+  compiled run does not repeat an eager one bit for bit (`compile: false` keeps them eager).
 - `train.threads`: torch's CPU threads.
 - Deterministic mode without NaN-filling every new tensor (the same numbers, a pass over memory less).
 - bf16 casts once per step: under autocast each micro-batch casts every fp32 weight to bf16 again; autocast's cast
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from graftlm.errors import GraftError
+from graftlm.progress import log
 
 if TYPE_CHECKING:
     import numpy as np
@@ -44,14 +46,22 @@ SDPA_KERNELS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", 
 """`train.attention` values that restrict SDPA to one kernel, and torch's name for it."""
 CUDA_ONLY_KERNELS = ("efficient", "cudnn")
 COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+COMPILE_PAYS_S = 150.0
+"""`compile: auto` on a CPU compiles a training estimated at this many seconds or more at the machine's measured
+bf16 matmul rate (train/flops.py's CPU peak). bench/train_speed.py on 2 Zen 4 cores (SmolLM2-135M, seq 512): the
+first run of a shape pays ~30 s compiling (~9 s with the cache warm), compiled steps run 1.08-1.18x faster, eager
+ones at ~60 % of that rate: from ~150 s at the rate (~250 s of eager steps), the first run wins back what it pays."""
 QUERY_BLOCK = 128
 """Queries per block of causal matmul attention. bench: forward + backward of SmolLM2's attention, batch 2, bf16
 on Zen 4: at 512 tokens 28.0 ms in one block, 19.9 in 2, 16.5 in 4, 17.2 in 8; at 256, 8.0 / 5.1 / 5.7 in 1 / 2 / 4."""
 
 
-def prepare_for_speed(model: "nn.Module", cfg: "TrainConfig", device: torch.device) -> "nn.Module":
+def prepare_for_speed(model: "nn.Module", cfg: "TrainConfig", device: torch.device,
+                      estimated_s: float | None = None) -> "nn.Module":
     """Apply `train.threads`, `train.attention` and `train.compile` to a model (a transformers model, possibly
-    inside peft); returns it. Parameter names and the state dict do not change, so checkpoints are unaffected."""
+    inside peft); returns it. Parameter names and the state dict do not change, so checkpoints are unaffected.
+    `estimated_s`: the training's seconds at the device's peak, for `compile: auto` on a CPU (None: not a
+    single-process training; auto does not compile there)."""
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     # Deterministic mode (train.deterministic) fills every new uninitialised tensor with NaN, a debugging aid: a
@@ -67,13 +77,37 @@ def prepare_for_speed(model: "nn.Module", cfg: "TrainConfig", device: torch.devi
     implementation = _attention_implementation(attention)
     if implementation != current:
         base.set_attn_implementation(implementation)
-    if compile_enabled(cfg, device):
+    if compile_enabled(cfg, device, estimated_s):
+        if cfg.compile == "auto" and device.type == "cpu":
+            from torch import _dynamo
+
+            _dynamo.config.suppress_errors = True  # a block inductor cannot compile runs eagerly
+            log(f"train: compiling the blocks (compile: auto, ~{estimated_s / 60:.0f} min of training at this "
+                "CPU's peak; the first run of a shape pays ~30 s; compile: false trains eagerly)")
         _compile_blocks(base)
     return model
 
 
-def compile_enabled(cfg: "TrainConfig", device: torch.device) -> bool:
-    return device.type == "cuda" if cfg.compile == "auto" else bool(cfg.compile)
+def compile_enabled(cfg: "TrainConfig", device: torch.device, estimated_s: float | None = None) -> bool:
+    """`train.compile` as set; auto: on CUDA, and on a CPU in bf16 with a C++ compiler (inductor's) for a
+    single-process training of COMPILE_PAYS_S or more at the CPU's peak (`estimated_s`)."""
+    if cfg.compile != "auto":
+        return bool(cfg.compile)
+    if device.type == "cuda":
+        return True
+    return (device.type == "cpu" and cfg.precision == "bf16" and estimated_s is not None
+            and estimated_s >= COMPILE_PAYS_S and _has_cpp_compiler())
+
+
+@functools.lru_cache(maxsize=1)
+def _has_cpp_compiler() -> bool:
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception:  # inductor's own error when its search finds none
+        return False
+    return True
 
 
 def auto_attention(cfg: "TrainConfig", device: torch.device) -> str:

@@ -44,6 +44,7 @@ from graftlm.train.background import BackgroundEvaluations
 from graftlm.train.checkpoint import check_resumable, latest_valid_checkpoint
 from graftlm.train.distill import Distiller
 from graftlm.train.ema import EMA
+from graftlm.train.flops import flops_per_token, peak_flops
 from graftlm.train.methods import Method
 from graftlm.train.module import TrainModule
 from graftlm.train.phases import plan_phases
@@ -167,9 +168,18 @@ def _load_method(recipe, cfg, run: RunDir, checkpoint: Path | None, accelerator)
         model.gradient_checkpointing_enable()
         if cfg.method != "full":
             model.enable_input_require_grads()  # recomputed blocks need an input that requires grad
-    prepare_for_speed(model, cfg, accelerator.device)
+    prepare_for_speed(model, cfg, accelerator.device, _estimated_seconds(model, cfg, accelerator))
     model.train()
     return method
+
+
+def _estimated_seconds(model, cfg, accelerator) -> float | None:
+    """The training's seconds at the device's peak (train/flops.py), for `compile: auto`; None for several
+    processes or an unknown peak."""
+    peak = peak_flops(accelerator.device, bf16=cfg.precision == "bf16")
+    if accelerator.num_processes > 1 or not peak:
+        return None
+    return flops_per_token(model.config, cfg.seq_len, model=model) * cfg.total_steps * cfg.batch_tokens / peak
 
 
 def _teacher(recipe, run: RunDir, accelerator) -> tuple[Distiller | None, set[str] | None]:
