@@ -185,7 +185,8 @@ def test_evaluator_subsets_restores_mode_and_matches_the_parts(tiny):
     model.train()
     results = evaluator(model)
     assert model.training
-    assert set(results) == {"text", "choice"}
+    assert set(results) == {"text", "choice", "seconds"}
+    assert set(results["seconds"]) == {"bpb vi", "choice xcopa_vi"}  # the time each part took
     assert results["text"]["vi"]["documents"] == 5 and results["choice"]["xcopa_vi"]["n"] == 4
     assert set(results["choice"]["xcopa_vi"]) == {"accuracy", "accuracy_norm", "ci95", "n"}
     alone = bits_per_byte(model, load_text_set(config.text["vi"], tokenizer, max_documents=5),

@@ -175,7 +175,9 @@ EVALUATED = [f"eval.text={{vi: '{SIB_DEV}'}}", f"eval.choice={{xcopa_vi: '{REPO}
 
 
 def evaluations(run: RunDir) -> list[tuple[int, dict]]:
-    return [(r["step"], r["eval"]) for r in run.read_metrics() if "eval" in r]
+    """(step, results) of each evaluation, without the seconds each part took."""
+    return [(r["step"], {k: v for k, v in r["eval"].items() if k != "seconds"}) for r in run.read_metrics()
+            if "eval" in r]
 
 
 def test_background_evaluation_logs_what_the_foreground_does(prepared, tmp_path):
@@ -189,6 +191,11 @@ def test_background_evaluation_logs_what_the_foreground_does(prepared, tmp_path)
     assert [step for step, _ in foreground] == [0, 4, 8, 12]
     assert background == foreground  # the same numbers at the same steps, in step order
     assert "generate" in background[0][1] and "generate" not in background[1][1]  # boundary only at the ends
+    timed = [r["eval"]["seconds"] for r in runs["true"].read_metrics() if "eval" in r]
+    parts = {f"{kind} {name}" for kind, key in (("bpb", "text"), ("choice", "choice"))
+             for name in foreground[0][1][key]}
+    assert parts | {f"generate {lang}" for lang in foreground[0][1]["generate"]} <= set(timed[0])
+    assert set(timed[1]) == parts and all(s >= 0 for s in timed[1].values())  # every part timed
     assert losses(runs["true"]) == losses(runs["false"])
     pending = runs["true"].inside("eval", "pending")
     assert not list(pending.iterdir())  # every copy of the weights evaluated and removed

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -127,25 +128,42 @@ class Evaluator:
         settings = dict(start_id=self.start_id, pad_id=self.pad_id, max_length=max_length,
                         batch_size=config.batch_size, dtype=config.dtype)
         results: dict = {"text": {}, "choice": {}}
+        self._seconds: dict[str, float] = {}
         for name, text_set in self.text.items():
             subset = text_set.head(None if full else config.max_documents)
-            with _bar(progress, f"bpb {name}") as on_batch:
+            with self._part(progress, f"bpb {name}") as on_batch:
                 results["text"][name] = bits_per_byte(model, subset, **settings, on_batch=on_batch)
         for name, encoded_set in self.choice.items():
             count = len(encoded_set.encoded) if full or config.max_items is None else config.max_items
             labels = [item.label for item in encoded_set.choice_set.items[:count]]
-            with _bar(progress, f"choice {name}") as on_batch:
+            with self._part(progress, f"choice {name}") as on_batch:
                 results["choice"][name] = choice_accuracy(model, encoded_set.encoded[:count], labels, **settings,
                                                           on_batch=on_batch)
         everything = full or boundary
         every = config.harness.every
         if self.harness is not None and (everything or (every is not None and step is not None and step % every == 0)):
-            results["harness"] = self._harness(model, progress)
+            with self._part(None, "harness"):  # its own bar, a task at a time
+                results["harness"] = self._harness(model, progress)
         if self.prompts and everything:
             results["generate"] = self._generate(model, progress)
         if self.lens_text and everything:
             results["lens"] = self._lens(model, progress, max_length)
+        results["seconds"] = self._seconds
         return results
+
+    @contextlib.contextmanager
+    def _part(self, progress: "Progress | None", description: str) -> Iterator[Callable[[int, int], None] | None]:
+        """One part of an evaluation (a set scored, generations, the lens): its seconds go to the results'
+        "seconds"; a progress bar while it runs (removed after, so that evaluations during training do not pile up
+        bars), None without a Progress."""
+        started = time.perf_counter()
+        task = progress.add_task(description, total=None, status="") if progress is not None else None
+        try:
+            yield None if task is None else lambda done, total: progress.update(task, completed=done, total=total)
+        finally:
+            if task is not None:
+                progress.remove_task(task)
+            self._seconds[description] = round(time.perf_counter() - started, 2)
 
     def _harness(self, model: "PreTrainedModel", progress: "Progress | None") -> dict:
         task = progress.add_task("harness", total=len(self.harness.names), status="") if progress else None
@@ -169,7 +187,7 @@ class Evaluator:
         identify = make_identifier(config.language_id.curation())
         results = {}
         for lang, prompt_set in self.prompts.items():
-            with _bar(progress, f"generate {lang}") as on_batch:
+            with self._part(progress, f"generate {lang}") as on_batch:
                 generated = continuations(model, prompt_set, self.start_id, self.pad_id, self.tokenizer.eos_token_id,
                                           config.max_new_tokens, self.config.batch_size, on_batch)
             results[lang] = language_rates(prompt_set, generated, self.tokenizer, identify)
@@ -180,7 +198,7 @@ class Evaluator:
 
         results = {}
         for lang, text_set in self.lens_text.items():
-            with _bar(progress, f"lens {lang}") as on_batch:
+            with self._part(progress, f"lens {lang}") as on_batch:
                 result = logit_lens(model, text_set, self.token_languages, self.start_id, self.pad_id, max_length,
                                     self.config.batch_size, self.config.dtype, on_batch)
             result["target"] = self.target
@@ -190,18 +208,6 @@ class Evaluator:
         return results
 
 
-@contextlib.contextmanager
-def _bar(progress: "Progress | None", description: str) -> Iterator[Callable[[int, int], None] | None]:
-    """A progress bar for one set while it is scored (removed after, so that evaluations during training do not
-    pile up bars); None without a Progress."""
-    if progress is None:
-        yield None
-        return
-    task = progress.add_task(description, total=None, status="")
-    try:
-        yield lambda done, total: progress.update(task, completed=done, total=total)
-    finally:
-        progress.remove_task(task)
 
 
 def evaluate_model(model_spec: str, config: EvalConfig, show_progress: bool = True, target: str | None = None,

@@ -190,8 +190,10 @@ class TrainConfig(Section):
     the same maths without its copies, and causal blocks of queries against the keys before them only (graftlm's).
     Kernels round differently: a run repeats another bit for bit only on the same kernel."""
     compile: bool | Literal["auto"] = "auto"
-    """torch.compile each transformer block (compiled code is cached between runs); auto: on CUDA, off on CPU.
-    It changes rounding, so a compiled run does not repeat an uncompiled one bit for bit."""
+    """torch.compile each transformer block (compiled code is cached between runs); auto: on CUDA, and on a CPU in
+    bf16 with a C++ compiler for a single-process training long enough to win back the compilation (150 s or more
+    at the CPU's measured peak, graftlm/train/speed.py). It changes rounding, so a compiled run does not repeat an
+    uncompiled one bit for bit: false keeps a run eager."""
     threads: int | None = Field(default=None, ge=1)
     """CPU threads for torch's kernels (torch.set_num_threads); null: torch's default, one per physical core."""
     gradient_checkpointing: bool = False

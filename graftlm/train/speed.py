@@ -177,23 +177,16 @@ def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attenti
     # Outside autograd: a blocked score's probability is exactly 0, so the softmax's backward already gives it a zero
     # gradient (masked_fill's backward would only write those zeros again). The lowest finite number, not -inf: a
     # row with nothing allowed (a padded query) gets a uniform softmax, not NaN.
+    by_group = scores.view(batch, kv_heads, groups, length, keys)
     with torch.no_grad():
         if attention_mask is not None:  # batch, 1, length, keys; the same for each head of a group
-            scores.masked_fill_(~attention_mask[..., -keys:].repeat(1, 1, groups, 1), torch.finfo(scores.dtype).min)
+            by_group.masked_fill_(~attention_mask[:, :, None, :, -keys:], torch.finfo(scores.dtype).min)
         elif causal:  # only the queries' own positions (the last `length` keys) hold scores a query may not see
-            scores[..., keys - length:].masked_fill_(_causal_blocked(length, groups, query.device),
-                                                    torch.finfo(scores.dtype).min)
+            later = torch.ones(length, length, dtype=torch.bool, device=query.device).triu_(1)
+            by_group[..., keys - length:].masked_fill_(later, torch.finfo(scores.dtype).min)
     with torch.autocast(query.device.type, enabled=False):  # autocast would compute it in fp32 and cast it back
         probs = torch.softmax(scores, dim=-1)
     return (probs @ value).view(batch, heads, length, head_dim)
-
-
-@functools.lru_cache(maxsize=32)
-def _causal_blocked(length: int, groups: int, device: torch.device) -> torch.Tensor:
-    """True where a query may not look among the keys of its own `length` positions, for the rows of `groups`
-    query heads stacked."""
-    allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril_()
-    return ~allowed.repeat(groups, 1)
 
 
 def _attention_implementation(name: str) -> str:
