@@ -323,9 +323,9 @@ def test_final_norm_is_found_or_the_error_says_what_was_looked_for():
 
 def test_extras_run_only_at_the_boundaries(tiny, lens_evaluator):
     model = tiny[0]
-    assert set(lens_evaluator(model)) == {"text", "choice"}
-    assert set(lens_evaluator(model, step=12)) == {"text", "choice"}
-    assert set(lens_evaluator(model, step=12, boundary=True)) == {"text", "choice", "lens"}
+    assert set(lens_evaluator(model)) == {"text", "choice", "seconds"}
+    assert set(lens_evaluator(model, step=12)) == {"text", "choice", "seconds"}
+    assert set(lens_evaluator(model, step=12, boundary=True)) == {"text", "choice", "lens", "seconds"}
 
 
 def test_harness_every_n_steps(tiny, tmp_path, monkeypatch):
@@ -348,7 +348,8 @@ def test_graft_eval_json_has_every_part(tmp_path, tiny_model_dir, monkeypatch, c
                                "--lens", f"id={SIB_ID}", "--lens", f"en={SIB_EN}", "--max-documents", "3")
     assert code == 0, err
     results = json.loads(out)
-    assert set(results) == {"text", "choice", "harness", "generate", "lens"}
+    assert set(results) == {"text", "choice", "harness", "generate", "lens", "seconds"}
+    assert {"harness", "generate id", "lens id"} <= set(results["seconds"])  # what each part took
     assert results["harness"]["graft_bpb_id"]["n"] == 3
     assert set(results["generate"]["id"]) >= {"same_language", "mixed", "distinct_2", "samples"}
     assert len(results["generate"]["id"]["samples"]) == 2

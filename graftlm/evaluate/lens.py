@@ -153,7 +153,7 @@ def logit_lens(model: "PreTrainedModel", text_set: TextSet, token_languages: Tok
     value per layer (`token_languages`: what the token languages were counted in)."""
     import torch
 
-    from graftlm.evaluate.scoring import batch_inputs, eval_mode, precision, span_batches
+    from graftlm.evaluate.scoring import batch_inputs, eval_mode, precision, span_batches, target_log_probs
 
     norm, head = final_norm_and_head(model)
     device = next(model.parameters()).device
@@ -168,14 +168,16 @@ def logit_lens(model: "PreTrainedModel", text_set: TextSet, token_languages: Tok
             batch = batch_inputs([spans[i] for i in rows], pad_id, device)
             out = model(**batch.inputs, output_hidden_states=True)
             # hidden_states[0] is the embeddings, [i] block i's output; the last one has been through the final
-            # norm already, so the last layer is the model's own logits.
-            layers = [project(norm(h[:, :-1][batch.where])) for h in out.hidden_states[:-1]]
-            layers.append(out.logits[:, :-1][batch.where])
+            # norm already, so the last layer is the model's own logits. One layer's logits at a time: a batch's
+            # logits for every layer at once would be gigabytes.
+            hidden = out.hidden_states[:-1]
             layer_nats, layer_counts = [], []
-            for logits in layers:
-                log_probs = torch.log_softmax(logits.float(), dim=-1)
-                layer_nats.append(-log_probs.gather(-1, batch.targets.unsqueeze(-1)).double().sum().item())
+            for i in range(len(hidden) + 1):
+                logits = project(norm(hidden[i][:, :-1][batch.where])) if i < len(hidden) else \
+                    out.logits[:, :-1][batch.where]
+                layer_nats.append(-target_log_probs(logits, batch.targets).sum().item())
                 layer_counts.append(token_languages.share_counts(logits.argmax(dim=-1)))
+                del logits
             nats = np.array(layer_nats) if nats is None else nats + layer_nats
             counts = np.array(layer_counts) if counts is None else counts + layer_counts
             done += len(rows)
