@@ -321,3 +321,21 @@ def test_compiled_blocks_train_close_to_eager_and_evaluate_eagerly():
     with torch.no_grad(), eval_mode(model):  # generation and the lens: every new token a new shape
         model.generate(input_ids=tokens[:1, :5], max_new_tokens=4, do_sample=False)
     assert not torch._dynamo.utils.counters["stats"]["unique_graphs"]  # nothing compiled: all ran eagerly
+
+
+def test_compile_of_a_model_without_a_list_of_blocks_is_an_error_asked_and_skipped_on_auto(monkeypatch):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from graftlm.train import speed
+
+    def gpt2():
+        return GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+
+    with pytest.raises(GraftError, match="no list of transformer blocks"):
+        prepare_for_speed(gpt2(), TrainConfig(compile=True), CPU)
+    monkeypatch.setattr(speed, "_has_cpp_compiler", lambda: True)
+    monkeypatch.setattr(torch._dynamo.config, "suppress_errors", torch._dynamo.config.suppress_errors)  # auto sets it
+    model = prepare_for_speed(gpt2(), TrainConfig(precision="bf16"), CPU, 10 * speed.COMPILE_PAYS_S)
+    assert not any(getattr(m, "_compiled_call_impl", None) for m in model.modules())  # left eager
+    llama = prepare_for_speed(tiny_llama(), TrainConfig(precision="bf16"), CPU, 10 * speed.COMPILE_PAYS_S)
+    assert all(block._compiled_call_impl is not None for block in llama.model.layers)  # compiled (lazily)

@@ -208,8 +208,6 @@ class Evaluator:
         return results
 
 
-
-
 def evaluate_model(model_spec: str, config: EvalConfig, show_progress: bool = True, target: str | None = None,
                    languages: dict[str, str] | None = None) -> dict:
     """`graft eval`: load a model (anything `base_model:` accepts) and run every evaluation of `config` in full

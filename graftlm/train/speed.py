@@ -78,13 +78,16 @@ def prepare_for_speed(model: "nn.Module", cfg: "TrainConfig", device: torch.devi
     if implementation != current:
         base.set_attn_implementation(implementation)
     if compile_enabled(cfg, device, estimated_s):
+        blocks = _blocks(base)
+        if blocks is None and cfg.compile == "auto":
+            return model  # not a model of transformer blocks as transformers lays them out: left eager
         if cfg.compile == "auto" and device.type == "cpu":
             from torch import _dynamo
 
             _dynamo.config.suppress_errors = True  # a block inductor cannot compile runs eagerly
             log(f"train: compiling the blocks (compile: auto, ~{estimated_s / 60:.0f} min of training at this "
                 "CPU's peak; the first run of a shape pays ~30 s; compile: false trains eagerly)")
-        _compile_blocks(base)
+        _compile_blocks(base, blocks)
     return model
 
 
@@ -219,7 +222,13 @@ def _sdpa_on(kernel: str):
     return attention
 
 
-def _compile_blocks(model: "nn.Module") -> None:
+def _blocks(model: "nn.Module") -> "torch.nn.ModuleList | None":
+    """The model's transformer blocks (`model.get_decoder().layers`), or None."""
+    blocks = getattr(model.get_decoder(), "layers", None) if hasattr(model, "get_decoder") else None
+    return blocks if isinstance(blocks, torch.nn.ModuleList) and len(blocks) else None
+
+
+def _compile_blocks(model: "nn.Module", blocks: "torch.nn.ModuleList | None") -> None:
     """torch.compile each transformer block in place (`Module.compile`: names and state dict unchanged)."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
@@ -227,8 +236,7 @@ def _compile_blocks(model: "nn.Module") -> None:
     # transformers does): only a value the user set is kept
     if os.environ.get(COMPILE_CACHE_ENV) in (None, os.path.abspath(default_cache_dir())):
         os.environ[COMPILE_CACHE_ENV] = str(compile_cache_dir())
-    blocks = getattr(model.get_decoder(), "layers", None) if hasattr(model, "get_decoder") else None
-    if not isinstance(blocks, torch.nn.ModuleList) or not len(blocks):
+    if blocks is None:
         raise GraftError(f"train.compile: {type(model).__name__} has no list of transformer blocks "
                          "(`model.get_decoder().layers`) to compile; set train.compile: false")
     for block in blocks:
