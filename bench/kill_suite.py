@@ -158,8 +158,9 @@ class Outcome:
         weights = {folder: load_file(root / folder / "model.safetensors") for folder in ("model", "merged")
                    if (root / folder / "model.safetensors").is_file()}
         records = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        return cls(weights, {r["step"]: r["loss"] for r in records if "loss" in r},
-                   [(r["step"], r.get("model"), r["eval"]) for r in records if "eval" in r], leftovers(root))
+        results = [(r["step"], r.get("model"), {k: v for k, v in r["eval"].items() if k != "seconds"})
+                   for r in records if "eval" in r]  # what each part took is a timing, not a result
+        return cls(weights, {r["step"]: r["loss"] for r in records if "loss" in r}, results, leftovers(root))
 
     def same_weights(self, other: "Outcome") -> bool:
         import torch

@@ -260,3 +260,20 @@ def test_killed_with_a_background_evaluation_pending_the_resumed_run_logs_it(pre
     train(background, run)
     assert evaluations(run) == evaluations(uninterrupted)
     assert losses(run) == losses(uninterrupted)
+
+
+@pytest.mark.slow
+def test_a_compiled_run_killed_then_resumed_logs_the_same_losses(prepared, tmp_path):
+    """train.compile (what `auto` picks for long CPU runs): a resumed run repeats the uninterrupted one bit for bit."""
+    path, _, run = prepared
+    compiled = ["train.compile=true"]
+    train(load_recipe(path, compiled), run)
+    expected = losses(run)
+
+    recipe = load_recipe(path, compiled)
+    resumed = RunDir.for_recipe(recipe, tmp_path / "runs2")
+    run_stages(recipe, resumed, ("base", "pack"))
+    killed_at = kill_training_mid_run(path, resumed, after_step=7, overrides=compiled)
+    assert 7 <= killed_at < 12, "the run must be killed mid-way"
+    train(recipe, resumed)
+    assert losses(resumed) == expected
