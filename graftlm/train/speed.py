@@ -48,9 +48,10 @@ CUDA_ONLY_KERNELS = ("efficient", "cudnn")
 COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 COMPILE_PAYS_S = 150.0
 """`compile: auto` on a CPU compiles a training estimated at this many seconds or more at the machine's measured
-bf16 matmul rate (train/flops.py's CPU peak). bench/train_speed.py on 2 Zen 4 cores (SmolLM2-135M, seq 512): the
-first run of a shape pays ~30 s compiling (~9 s with the cache warm), compiled steps run 1.08-1.18x faster, eager
-ones at ~60 % of that rate: from ~150 s at the rate (~250 s of eager steps), the first run wins back what it pays."""
+bf16 matmul rate (train/flops.py's CPU peak). Measured on 2 Zen 4 cores (SmolLM2-135M, seq 512): compiled steps
+run 1.08-1.18x faster than eager ones, which reach ~60 % of that rate; the demo (~215 s at the rate, 24 steps)
+pays ~50 s compiling on its first run (its first step 65.6 s against 15.7 eager) and ~22 s with the cache warm,
+and still ends its steps 14 s (cold) and 27 s (warm) sooner than eager: about where compiling starts to pay."""
 QUERY_BLOCK = 128
 """Queries per block of causal matmul attention. bench: forward + backward of SmolLM2's attention, batch 2, bf16
 on Zen 4: at 512 tokens 28.0 ms in one block, 19.9 in 2, 16.5 in 4, 17.2 in 8; at 256, 8.0 / 5.1 / 5.7 in 1 / 2 / 4."""
@@ -86,7 +87,8 @@ def prepare_for_speed(model: "nn.Module", cfg: "TrainConfig", device: torch.devi
 
             _dynamo.config.suppress_errors = True  # a block inductor cannot compile runs eagerly
             log(f"train: compiling the blocks (compile: auto, ~{estimated_s / 60:.0f} min of training at this "
-                "CPU's peak; the first run of a shape pays ~30 s; compile: false trains eagerly)")
+                "CPU's peak; the first step waits for the compilation, under a minute once cached; compile: false "
+                "trains eagerly)")
         _compile_blocks(base, blocks)
     return model
 
