@@ -334,8 +334,11 @@ def test_compile_of_a_model_without_a_list_of_blocks_is_an_error_asked_and_skipp
     with pytest.raises(GraftError, match="no list of transformer blocks"):
         prepare_for_speed(gpt2(), TrainConfig(compile=True), CPU)
     monkeypatch.setattr(speed, "_has_cpp_compiler", lambda: True)
-    monkeypatch.setattr(torch._dynamo.config, "suppress_errors", torch._dynamo.config.suppress_errors)  # auto sets it
-    model = prepare_for_speed(gpt2(), TrainConfig(precision="bf16"), CPU, 10 * speed.COMPILE_PAYS_S)
-    assert not any(getattr(m, "_compiled_call_impl", None) for m in model.modules())  # left eager
-    llama = prepare_for_speed(tiny_llama(), TrainConfig(precision="bf16"), CPU, 10 * speed.COMPILE_PAYS_S)
-    assert all(block._compiled_call_impl is not None for block in llama.model.layers)  # compiled (lazily)
+    suppress = torch._dynamo.config.suppress_errors  # auto sets it (monkeypatch would delete dynamo's config key)
+    try:
+        model = prepare_for_speed(gpt2(), TrainConfig(precision="bf16"), CPU, 10 * speed.COMPILE_PAYS_S)
+        assert not any(getattr(m, "_compiled_call_impl", None) for m in model.modules())  # left eager
+        llama = prepare_for_speed(tiny_llama(), TrainConfig(precision="bf16"), CPU, 10 * speed.COMPILE_PAYS_S)
+        assert all(block._compiled_call_impl is not None for block in llama.model.layers)  # compiled (lazily)
+    finally:
+        torch._dynamo.config.suppress_errors = suppress
