@@ -80,8 +80,11 @@ def prepare_for_speed(model: "nn.Module", cfg: "TrainConfig", device: torch.devi
         base.set_attn_implementation(implementation)
     if compile_enabled(cfg, device, estimated_s):
         blocks = _blocks(base)
-        if blocks is None and cfg.compile == "auto":
-            return model  # not a model of transformer blocks as transformers lays them out: left eager
+        if blocks is None:
+            if cfg.compile == "auto":
+                return model  # not a model of transformer blocks as transformers lays them out: left eager
+            raise GraftError(f"train.compile: {type(base).__name__} has no list of transformer blocks "
+                             "(`model.get_decoder().layers`) to compile; set train.compile: false")
         if cfg.compile == "auto" and device.type == "cpu":
             from torch import _dynamo
 
@@ -89,7 +92,7 @@ def prepare_for_speed(model: "nn.Module", cfg: "TrainConfig", device: torch.devi
             log(f"train: compiling the blocks (compile: auto, ~{estimated_s / 60:.0f} min of training at this "
                 "CPU's peak; the first step waits for the compilation, under a minute once cached; compile: false "
                 "trains eagerly)")
-        _compile_blocks(base, blocks)
+        _compile_blocks(blocks)
     return model
 
 
@@ -230,7 +233,7 @@ def _blocks(model: "nn.Module") -> "torch.nn.ModuleList | None":
     return blocks if isinstance(blocks, torch.nn.ModuleList) and len(blocks) else None
 
 
-def _compile_blocks(model: "nn.Module", blocks: "torch.nn.ModuleList | None") -> None:
+def _compile_blocks(blocks: "torch.nn.ModuleList") -> None:
     """torch.compile each transformer block in place (`Module.compile`: names and state dict unchanged)."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
@@ -238,9 +241,6 @@ def _compile_blocks(model: "nn.Module", blocks: "torch.nn.ModuleList | None") ->
     # transformers does): only a value the user set is kept
     if os.environ.get(COMPILE_CACHE_ENV) in (None, os.path.abspath(default_cache_dir())):
         os.environ[COMPILE_CACHE_ENV] = str(compile_cache_dir())
-    if blocks is None:
-        raise GraftError(f"train.compile: {type(model).__name__} has no list of transformer blocks "
-                         "(`model.get_decoder().layers`) to compile; set train.compile: false")
     for block in blocks:
         block.compile()
 
